@@ -1,0 +1,141 @@
+"""The one place that reads the launcher's environment: torchrun, Slurm, or a plain single process.
+
+Nothing else in tsdia reads `SLURM_*`, `RANK`, `WORLD_SIZE`, ... Everything downstream receives a
+`ClusterEnvironment`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+DEFAULT_PORT = 29500
+_PORT_BASE, _PORT_SPAN = 20000, 20000  # ports derived from a Slurm job id land in [20000, 40000)
+
+
+@dataclass(frozen=True)
+class ClusterEnvironment:
+    """Who this process is in the job."""
+
+    launcher: str  # "single", "torchrun" or "slurm"
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    num_nodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = DEFAULT_PORT
+    job_id: str | None = None
+    restart_count: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def torch_env(self) -> dict[str, str]:
+        """The variables torch.distributed, Accelerate and DeepSpeed expect."""
+        return {
+            "RANK": str(self.rank),
+            "WORLD_SIZE": str(self.world_size),
+            "LOCAL_RANK": str(self.local_rank),
+            "LOCAL_WORLD_SIZE": str(self.local_world_size),
+            "NODE_RANK": str(self.node_rank),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+        }
+
+
+def detect(env: Mapping[str, str] | None = None) -> ClusterEnvironment:
+    """Read the environment: torchrun's variables win, then a Slurm task, else a single process."""
+    env = os.environ if env is None else env
+    job_id = env.get("SLURM_ARRAY_JOB_ID") or env.get("SLURM_JOB_ID")
+    if env.get("SLURM_ARRAY_TASK_ID") and env.get("SLURM_ARRAY_JOB_ID"):
+        job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
+    restart_count = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+    if "RANK" in env and "WORLD_SIZE" in env:
+        world = int(env["WORLD_SIZE"])
+        local_world = int(env.get("LOCAL_WORLD_SIZE", world))
+        return ClusterEnvironment(
+            launcher="torchrun",
+            rank=int(env["RANK"]),
+            world_size=world,
+            local_rank=int(env.get("LOCAL_RANK", "0")),
+            local_world_size=local_world,
+            node_rank=int(env.get("GROUP_RANK", env.get("NODE_RANK", "0"))),
+            num_nodes=max(1, world // max(local_world, 1)),
+            master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT", DEFAULT_PORT)),
+            job_id=job_id,
+            restart_count=restart_count,
+        )
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and _is_slurm_step(env):
+        nodes = expand_hostlist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "")
+        return ClusterEnvironment(
+            launcher="slurm",
+            rank=int(env["SLURM_PROCID"]),
+            world_size=int(env["SLURM_NTASKS"]),
+            local_rank=int(env.get("SLURM_LOCALID", "0")),
+            local_world_size=_tasks_on_this_node(env),
+            node_rank=int(env.get("SLURM_NODEID", "0")),
+            num_nodes=int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or len(nodes) or 1),
+            master_addr=env.get("MASTER_ADDR") or _resolve(nodes[0] if nodes else "127.0.0.1"),
+            master_port=int(env.get("MASTER_PORT") or port_for_job(job_id)),
+            job_id=job_id,
+            restart_count=restart_count,
+        )
+    return ClusterEnvironment(
+        launcher="single",
+        master_port=int(env.get("MASTER_PORT") or DEFAULT_PORT),
+        job_id=job_id,
+        restart_count=restart_count,
+    )
+
+
+def _is_slurm_step(env: Mapping[str, str]) -> bool:
+    """True inside an srun step (or a submitit task); the bare batch script is not a training rank."""
+    return "SLURM_STEP_ID" in env or "SUBMITIT_EXECUTOR" in env or env.get("SLURM_NTASKS") == "1"
+
+
+def _tasks_on_this_node(env: Mapping[str, str]) -> int:
+    tasks = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+    match = re.match(r"\d+", tasks)
+    return int(match.group()) if match else 1
+
+
+def port_for_job(job_id: str | None) -> int:
+    """A rendezvous port derived from the job id: the same on every node and after every requeue."""
+    if not job_id:
+        return DEFAULT_PORT
+    digits = int(re.sub(r"\D", "", job_id) or "0")
+    return _PORT_BASE + digits % _PORT_SPAN
+
+
+def _resolve(host: str) -> str:
+    try:
+        return socket.gethostbyname(host)
+    except OSError:
+        return host
+
+
+def expand_hostlist(hostlist: str) -> list[str]:
+    """Expand Slurm's compressed host list: `n[1-3,5],gpu7` -> `[n1, n2, n3, n5, gpu7]`."""
+    hosts: list[str] = []
+    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", hostlist):
+        match = re.fullmatch(r"(.*?)\[([^\]]*)\](.*)", part)
+        if not match:
+            hosts.append(part)
+            continue
+        prefix, ranges, suffix = match.groups()
+        for item in ranges.split(","):
+            low, _, high = item.partition("-")
+            for number in range(int(low), int(high or low) + 1):
+                hosts.append(f"{prefix}{number:0{len(low)}d}{suffix}")
+    return hosts

@@ -1,0 +1,208 @@
+"""Load a YAML config (plus `dotted.key=value` overrides) into the typed `Config`, or explain what is wrong."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, Union
+
+import yaml
+
+from tsdia.config.schema import ComponentConfig, Config, ConfigSource
+from tsdia.config.yaml_source import parse_yaml, read_config_text
+from tsdia.errors import ConfigError
+
+
+def load_config(path: str, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read, override and validate a config file. Raises `ConfigError` listing every problem found."""
+    text = read_config_text(path)
+    positions: dict[str, str] = {}
+    raw = parse_yaml(text, path, positions=positions)
+    if raw is None:
+        raise ConfigError(f"{path}: the config file is empty. Start from configs/example.yml.")
+    if not isinstance(raw, dict):
+        raise ConfigError(
+            f"{path}:1: the top level must be a mapping with sections model, dataset, training, ...; "
+            f"got a {type(raw).__name__}."
+        )
+    for override in overrides:
+        apply_override(raw, override, positions)
+    source = ConfigSource(path=path, text=text, overrides=list(overrides), raw=raw, positions=positions)
+    return config_from_dict(raw, source)
+
+
+def apply_override(raw: dict[str, Any], override: str, positions: dict[str, str]) -> None:
+    """Apply one `dotted.key=value` override (the value is a YAML scalar or flow list/mapping) in place."""
+    label = f"override '{override}'"
+    key_path, sep, value_text = override.partition("=")
+    key_path = key_path.strip()
+    if not sep or not key_path:
+        raise ConfigError(f"{label}: expected KEY=VALUE with a dotted key, e.g. training.max_steps=100.")
+    parts = key_path.split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"{label}: '{key_path}' is not a dotted key (empty part).")
+    value = (
+        parse_yaml(value_text, label, prefix=key_path, positions=positions) if value_text.strip() else None
+    )
+    node = raw
+    for depth, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        elif not isinstance(child, dict):
+            above = ".".join(parts[: depth + 1])
+            raise ConfigError(
+                f"{label}: '{above}' is a value ({child!r}), so it has no key '{parts[depth + 1]}'."
+            )
+        node = child
+    node[parts[-1]] = value
+    positions[key_path] = label
+
+
+def config_from_dict(raw: dict[str, Any], source: ConfigSource) -> Config:
+    """Validate a plain mapping against the schema; collect every error before raising."""
+    errors: list[str] = []
+    config = _build(Config, raw, "", source, errors)
+    if not errors and not config.training.checkpoint.save_dir:
+        errors.append(
+            f"{source.where('training.checkpoint')}: training.checkpoint.save_dir is required: set it in the "
+            "config or pass training.checkpoint.save_dir=DIR."
+        )
+    if not errors:
+        betas = config.training.optimizer.betas
+        if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+            where = source.where("training.optimizer.betas")
+            errors.append(f"{where}: training.optimizer.betas: expected two values in [0, 1), got {betas}.")
+    if errors:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
+    config.source = source
+    return config
+
+
+def _build(cls: type, raw: Any, path: str, source: ConfigSource, errors: list[str]) -> Any:
+    where = source.where(path) if path else source.path
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        errors.append(f"{where}: '{path}' must be a mapping of keys, got {raw!r}.")
+        return cls()
+    if cls is ComponentConfig:
+        return _build_component(raw, path, source, errors)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        key_path = f"{path}.{key}" if path else key
+        if key not in fields:
+            errors.append(_unknown_key(key, key_path, path, list(fields), source))
+            continue
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = _build(typing.cast(type, hint), value, key_path, source, errors)
+        else:
+            try:
+                values[key] = _check_value(value, hint, fields[key].metadata)
+            except ValueError as why:
+                errors.append(f"{source.where(key_path)}: {key_path}: {why}")
+    return cls(**values)
+
+
+def _build_component(
+    raw: dict[str, Any], path: str, source: ConfigSource, errors: list[str]
+) -> ComponentConfig:
+    default = typing.cast(ComponentConfig, getattr(Config(), path))
+    target = raw.get("target", default.target)
+    if not isinstance(target, str) or ":" not in target:
+        errors.append(
+            f"{source.where(path + '.target')}: {path}.target: expected an import path 'package.module:callable', "
+            f"got {target!r}."
+        )
+    return ComponentConfig(target=str(target), kwargs={k: v for k, v in raw.items() if k != "target"})
+
+
+def _unknown_key(key: str, key_path: str, parent: str, valid: list[str], source: ConfigSource) -> str:
+    guess = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    hint = f" Did you mean '{guess[0]}'?" if guess else ""
+    scope = f"under '{parent}'" if parent else "at the top level"
+    return (
+        f"{source.where(key_path)}: unknown key '{key_path}'.{hint} Valid keys {scope}: {', '.join(valid)}."
+    )
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(c) for c in typing.get_args(hint))
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0])}"
+    if origin is dict:
+        return "a mapping"
+    if hint is type(None):
+        return "null"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
+
+
+def _check_value(value: Any, hint: Any, meta: typing.Mapping[str, Any]) -> Any:
+    """Return `value` converted to `hint`, or raise ValueError saying why it does not fit."""
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _check_value(value, inner[0] if len(inner) == 1 else hint, meta)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices or isinstance(value, bool):
+            raise ValueError(f"got {value!r}; expected {_describe(hint)}.")
+        return value
+    if origin is list:
+        items = value if isinstance(value, list) else None
+        if items is None:
+            raise ValueError(f"got {value!r}; expected {_describe(hint)}.")
+        return [_check_value(v, typing.get_args(hint)[0], {}) for v in items]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"got {value!r}; expected {_describe(hint)}.")
+        return {str(k): _check_value(v, typing.get_args(hint)[1], {}) for k, v in value.items()}
+    ok = isinstance(value, hint) and not (hint in (int, float) and isinstance(value, bool))
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise ValueError(f"got {value!r} ({_yaml_type(value)}); expected {_describe(hint)}.")
+    _check_range(value, meta)
+    return value
+
+
+def _check_range(value: Any, meta: typing.Mapping[str, Any]) -> None:
+    if "gt" in meta and not value > meta["gt"]:
+        raise ValueError(f"got {value!r}; must be greater than {meta['gt']}.")
+    if "ge" in meta and not value >= meta["ge"]:
+        raise ValueError(f"got {value!r}; must be at least {meta['ge']}.")
+    if "le" in meta and not value <= meta["le"]:
+        raise ValueError(f"got {value!r}; must be at most {meta['le']}.")
+
+
+def _yaml_type(value: Any) -> str:
+    return {
+        bool: "a boolean",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        list: "a list",
+        dict: "a mapping",
+    }.get(type(value), "null" if value is None else type(value).__name__)
+
+
+def effective_yaml(config: Config) -> str:
+    """The config as it ran: the original text when there were no overrides, else the merged mapping."""
+    source = config.source
+    if not source.overrides:
+        return source.text
+    header = "".join(f"#   {o}\n" for o in source.overrides)
+    body = yaml.safe_dump(source.raw, sort_keys=False, allow_unicode=True)
+    return f"# Effective config: {source.path} with overrides\n{header}{body}"

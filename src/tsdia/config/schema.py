@@ -1,0 +1,197 @@
+"""The typed configuration schema: one dataclass per YAML section, every field documented here.
+
+Defaults live only in this file. `tsdia.config.loader` turns YAML into these objects and validates
+types and ranges from the field metadata (`ge`, `gt`, `le`, `choices`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+EXAMPLE_MODEL = "tsdia.examples.tsvad:TargetSpeakerVAD"
+EXAMPLE_DATASET = "tsdia.examples.tsvad:build_datasets"
+
+
+def option(default: Any = None, doc: str = "", **checks: Any) -> Any:
+    """A dataclass field with a docstring and range checks (`ge`, `gt`, `le`) kept in its metadata."""
+    meta = {"doc": doc, **checks}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def section(cls: type, doc: str = "") -> Any:
+    """A nested section field."""
+    return field(default_factory=cls, metadata={"doc": doc})
+
+
+@dataclass
+class ComponentConfig:
+    """A pluggable component: `target` is an import path, every other key is a keyword argument."""
+
+    target: str = option("", "Import path `package.module:callable` of the factory or class.")
+    kwargs: dict[str, Any] = option({}, "Keyword arguments passed to the target (all other keys).")
+
+
+@dataclass
+class OptimizerConfig:
+    name: Literal["adamw", "adam", "sgd"] = option("adamw", "Optimizer: adamw, adam or sgd.")
+    lr: float = option(1e-3, "Peak learning rate.", gt=0)
+    weight_decay: float = option(0.01, "Decoupled (adamw) or L2 (adam, sgd) weight decay.", ge=0)
+    betas: list[float] = option([0.9, 0.999], "Adam betas (two values in [0, 1)).")
+    eps: float = option(1e-8, "Adam epsilon.", gt=0)
+    momentum: float = option(0.9, "SGD momentum.", ge=0, le=1)
+
+
+@dataclass
+class SchedulerConfig:
+    name: Literal["cosine", "linear", "constant"] = option(
+        "cosine", "Learning-rate decay after warm-up, defined over `training.epochs` (not `max_steps`)."
+    )
+    warmup_steps: int = option(0, "Linear warm-up, in optimizer steps.", ge=0)
+    min_lr_ratio: float = option(
+        0.0, "Final learning rate as a fraction of `lr` (cosine, linear).", ge=0, le=1
+    )
+
+
+@dataclass
+class CheckpointConfig:
+    save_dir: str = option("", "Experiment directory (required). Refused if it exists and `resume` is unset.")
+    interval: int | None = option(
+        1000, "Save every this many optimizer steps (null: only at validation/end).", gt=0
+    )
+    save_total_limit: int | None = option(
+        None, "Keep at most this many named checkpoints; the best and the newest are never deleted.", ge=1
+    )
+    resume: str | None = option(None, "`latest`, or a checkpoint directory to resume from.")
+    best_metric: str = option("val_loss", "Validation metric that picks `best_checkpoint`.")
+    best_mode: Literal["min", "max"] = option(
+        "min", "Whether a lower (min) or higher (max) metric is better."
+    )
+    save_on_validation: bool = option(
+        True, "Also save a checkpoint after each validation, so it can be best."
+    )
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = option(50, "Log training loss and learning rate every this many optimizer steps.", gt=0)
+    tensorboard: bool = option(True, "Write TensorBoard event files under `<save_dir>/tensorboard/`.")
+    wandb: bool = option(False, "Log to Weights & Biases (files under `<save_dir>/wandb/`).")
+    wandb_project: str = option("ts-dia-training", "WandB project.")
+    wandb_entity: str | None = option(None, "WandB entity (team or user); null uses your default.")
+    wandb_mode: Literal["auto", "online", "offline"] = option(
+        "auto", "auto: online when logged in and reachable, else offline (never prompts)."
+    )
+    run_name: str | None = option(None, "Run name for the trackers; default: the save_dir's base name.")
+    progress_bar: bool = option(True, "Show a tqdm progress bar (loss, lr, it/s) on rank 0.")
+    progress_log_seconds: float = option(
+        30.0,
+        "A progress-bar line reaches the log file at most this often (the console sees every redraw).",
+        ge=0,
+    )
+
+
+@dataclass
+class ValidationConfig:
+    interval: int = option(1, "Validate every this many epochs, and once more at the end of training.", gt=0)
+    batch_size: int | None = option(
+        None, "Validation batch size per device; default: training.batch_size.", gt=0
+    )
+    max_steps: int | None = option(None, "Validate on at most this many batches (per device).", gt=0)
+
+
+@dataclass
+class TrainingConfig:
+    epochs: int = option(10, "Number of epochs; the learning-rate schedule is defined over them.", gt=0)
+    max_steps: int | None = option(
+        None, "Stop after this many optimizer steps without changing the schedule (an exact prefix).", gt=0
+    )
+    batch_size: int = option(32, "Batch size per device (per process).", gt=0)
+    gradient_accumulation_steps: int = option(1, "Micro-batches per optimizer step.", gt=0)
+    mixed_precision: Literal["no", "fp16", "bf16"] = option("no", "no, fp16 (GPU only) or bf16.")
+    seed: int = option(42, "Seed for weights, data order and every random number generator.", ge=0)
+    max_grad_norm: float | None = option(1.0, "Clip gradients to this global norm (null: no clipping).", gt=0)
+    num_workers: int = option(0, "DataLoader worker processes per rank.", ge=0)
+    optimizer: OptimizerConfig = section(OptimizerConfig, "Optimizer settings.")
+    scheduler: SchedulerConfig = section(SchedulerConfig, "Learning-rate schedule.")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "Experiment directory and checkpoints.")
+    logging: LoggingConfig = section(LoggingConfig, "Console, file and tracker logging.")
+    validation: ValidationConfig = section(ValidationConfig, "Validation schedule.")
+
+
+@dataclass
+class DeepSpeedConfig:
+    zero_stage: int | None = option(None, "ZeRO stage 0-3; null disables DeepSpeed.", ge=0, le=3)
+    offload_optimizer: Literal["none", "cpu"] = option("none", "Offload optimizer states (ZeRO >= 1).")
+    offload_param: Literal["none", "cpu"] = option("none", "Offload parameters (ZeRO-3 only).")
+    config_file: str | None = option(None, "A DeepSpeed JSON file used instead of the keys above.")
+
+
+@dataclass
+class DistributedConfig:
+    backend: Literal["auto", "gloo", "nccl"] = option(
+        "auto", "Process-group backend; auto: nccl on GPU, else gloo."
+    )
+    timeout_s: int = option(600, "Collective timeout in seconds.", gt=0)
+    deepspeed: DeepSpeedConfig = section(DeepSpeedConfig, "DeepSpeed through Accelerate.")
+
+
+@dataclass
+class ContainerConfig:
+    image: str | None = option(None, "Container image to run the job in (null: no container).")
+    runtime: Literal["pyxis", "apptainer", "podman"] = option("pyxis", "pyxis (srun), apptainer or podman.")
+    mounts: list[str] = option(
+        [], "Extra `host:container` mounts; the experiment directory is always mounted."
+    )
+
+
+@dataclass
+class SlurmConfig:
+    nodes: int = option(1, "Number of nodes.", gt=0)
+    tasks_per_node: int | None = option(None, "Processes per node; default: gpus_per_node, else 1.", gt=0)
+    gpus_per_node: int = option(0, "GPUs per node.", ge=0)
+    cpus_per_task: int | None = option(None, "CPUs per task.", gt=0)
+    mem: str | None = option(None, "Memory per node, e.g. 32G.")
+    partition: str | None = option(None, "Partition.")
+    account: str | None = option(None, "Account.")
+    qos: str | None = option(None, "Quality of service.")
+    constraint: str | None = option(None, "Node constraint.")
+    time: str = option("1-00:00:00", "Time limit, e.g. 4:00:00 or 2-00:00:00.")
+    job_name: str | None = option(None, "Job name; default: the save_dir's base name.")
+    signal_lead_s: int = option(
+        120, "Seconds before the time limit at which the job is signalled to save.", gt=0
+    )
+    max_requeues: int = option(10, "Most times the job requeues itself (preemption or time limit).", ge=0)
+    requeue_on_crash: bool = option(False, "Requeue after a crash too (bounded by max_requeues).")
+    setup: list[str] = option([], "Shell lines run before training (module load, source venv, ...).")
+    sbatch_extra: dict[str, str] = option({}, "Extra sbatch options, e.g. {mail-type: END}.")
+    container: ContainerConfig = section(ContainerConfig, "Run the job inside a container image.")
+
+
+@dataclass
+class ConfigSource:
+    """Where a configuration came from: needed to copy it and to point errors at file:line."""
+
+    path: str = ""
+    text: str = ""
+    overrides: list[str] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+    positions: dict[str, str] = field(default_factory=dict)
+
+    def where(self, key_path: str) -> str:
+        """`file:line` of a dotted key (or the override that set it), else the file."""
+        return self.positions.get(key_path, self.path)
+
+
+@dataclass
+class Config:
+    """A whole tsdia configuration file."""
+
+    model: ComponentConfig = field(default_factory=lambda: ComponentConfig(target=EXAMPLE_MODEL))
+    dataset: ComponentConfig = field(default_factory=lambda: ComponentConfig(target=EXAMPLE_DATASET))
+    training: TrainingConfig = section(TrainingConfig, "Training loop, checkpoints, logging, validation.")
+    distributed: DistributedConfig = section(DistributedConfig, "Multi-process and DeepSpeed settings.")
+    slurm: SlurmConfig = section(SlurmConfig, "Slurm job settings for tsdia-submit.")
+    source: ConfigSource = field(default_factory=ConfigSource, repr=False)

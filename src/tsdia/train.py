@@ -1,0 +1,46 @@
+"""`tsdia-train CONFIG [KEY=VALUE ...]` (also `python -m tsdia.train`): parse, build, train."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from tsdia.errors import EXIT_USAGE, TsdiaError
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    from tsdia.parse_args import unified_parser
+
+    config, config_path = unified_parser(argv)
+
+    from accelerate.utils import set_seed
+
+    from tsdia.training.components import build_component
+    from tsdia.training.data import build_dataloaders
+    from tsdia.training.trainer import Trainer
+
+    set_seed(config.training.seed)
+    model = build_component(config.model, "model", config.source)
+    datasets = build_component(config.dataset, "dataset", config.source)
+    train_set, val_set = datasets if isinstance(datasets, tuple) else (datasets, None)
+    train_dl, val_dl = build_dataloaders(train_set, val_set, config.training)
+    trainer = Trainer(model, train_dl, val_dl, config=config, config_path=config_path)
+    result = trainer.train()
+    print(f"Done: {result.global_step} steps; experiment in {result.save_dir}")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Console entry point: user errors print one clear message and exit 2 (traceback with --debug)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return run(argv)
+    except TsdiaError as err:
+        if "--debug" in argv:
+            raise
+        print(f"tsdia-train: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,41 @@
+"""DataLoaders built the way exact resume needs them: seeded generators, no global RNG use."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from tsdia.config.schema import TrainingConfig
+
+
+def build_dataloaders(
+    train_set: Dataset[Any], val_set: Dataset[Any] | None, config: TrainingConfig
+) -> tuple[DataLoader[Any], DataLoader[Any] | None]:
+    """Shuffled training loader and sequential validation loader, each with its own seeded generator.
+
+    A loader without a generator draws its worker seed from torch's global RNG every time it is
+    iterated, so validation would shift the dropout masks of later training steps and a resumed run
+    (which skips a validation) would diverge.
+    """
+    train = DataLoader(
+        train_set,
+        batch_size=config.batch_size,
+        shuffle=True,
+        num_workers=config.num_workers,
+        collate_fn=getattr(train_set, "collate_fn", None),
+        generator=torch.Generator().manual_seed(config.seed),
+        persistent_workers=False,
+    )
+    val = None
+    if val_set is not None:
+        val = DataLoader(
+            val_set,
+            batch_size=config.validation.batch_size or config.batch_size,
+            shuffle=False,
+            num_workers=config.num_workers,
+            collate_fn=getattr(val_set, "collate_fn", None),
+            generator=torch.Generator().manual_seed(config.seed + 1),
+        )
+    return train, val

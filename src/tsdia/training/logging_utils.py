@@ -1,0 +1,90 @@
+"""The spec's logging entry points: `setup_file_logger`, `init_trackers`, `save_wandb_info`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tsdia.fileio import atomic_write_text
+from tsdia.training.tee import ConsoleTee
+from tsdia.training.trackers import (
+    WANDB_INFO,
+    TensorBoardTracker,
+    Tracker,
+    Trackers,
+    WandbSettings,
+    WandbTracker,
+)
+
+QUIET_LOGGERS = ("accelerate.checkpointing", "accelerate.accelerator")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def setup_file_logger(log_path: str | Path, progress_interval: float = 30.0) -> ConsoleTee:
+    """Send everything that reaches stdout/stderr to the console and to `log_path` at once.
+
+    Also routes Python `logging` (INFO and up) and `warnings` to stderr, so they land in the file too.
+    Returns the tee; `close()` it at the end of the run.
+    """
+    tee = ConsoleTee(str(log_path), progress_interval=progress_interval)
+    root = logging.getLogger()
+    if not any(getattr(h, "_tsdia", False) for h in root.handlers):
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+        handler._tsdia = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    for noisy in QUIET_LOGGERS:  # per-file INFO chatter on every checkpoint
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return tee
+
+
+def init_trackers(
+    *,
+    save_dir: str,
+    full_config: dict[str, Any],
+    config_yaml: str,
+    tensorboard: bool,
+    wandb: WandbSettings | None,
+    start_step: int,
+    resuming: bool,
+    wandb_run_id: str | None,
+) -> tuple[Trackers, WandbTracker | None]:
+    """Start the enabled trackers with the whole nested config (model, dataset, training, ...)."""
+    trackers: list[Tracker] = []
+    wandb_tracker = None
+    if tensorboard:
+        trackers.append(
+            TensorBoardTracker(
+                str(Path(save_dir) / "tensorboard"), full_config, config_yaml, start_step, resuming
+            )
+        )
+    if wandb is not None:
+        wandb_tracker = WandbTracker(wandb, full_config, wandb_run_id)
+        trackers.append(wandb_tracker)
+    return Trackers(trackers), wandb_tracker
+
+
+def save_wandb_info(tracker: WandbTracker, save_dir: str | Path) -> dict[str, Any]:
+    """Write `<save_dir>/wandb_info.json`: run id, name, URL, project, entity, timestamp (+ offline sync)."""
+    run = tracker.run
+    info: dict[str, Any] = {
+        "run_id": run.id,
+        "run_name": run.name,
+        "run_url": run.url if tracker.mode == "online" else None,
+        "project": run.project,
+        "entity": run.entity or None,
+        "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "mode": tracker.mode,
+    }
+    if tracker.mode == "offline":
+        info["offline_run_dir"] = tracker.offline_dir()
+        info["sync_command"] = tracker.sync_command()
+    atomic_write_text(Path(save_dir) / WANDB_INFO, json.dumps(info, indent=2))
+    return info

@@ -1,0 +1,178 @@
+"""One attempt at an experiment: the rank-0 decision broadcast to all ranks, then the run's files.
+
+Order matters for "nothing half-made": the decision (which may refuse) comes first and writes nothing
+when it refuses; only then are logs, config.yml and the other artifacts written, by rank 0 alone.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import traceback
+from pathlib import Path
+from typing import Any
+
+from tsdia import errors
+from tsdia.cluster import ClusterEnvironment
+from tsdia.config.loader import effective_yaml
+from tsdia.config.schema import Config
+from tsdia.experiment import LOGS_DIR, Decision, ExperimentLock, claim_experiment
+from tsdia.fileio import atomic_write_text
+from tsdia.training.checkpoint_store import STORE_DIR, clean_staging
+from tsdia.training.distributed import barrier, broadcast_object
+from tsdia.training.logging_utils import init_trackers, save_wandb_info, setup_file_logger
+from tsdia.training.tee import ConsoleTee
+from tsdia.training.trackers import Trackers, WandbSettings, read_wandb_run_id
+
+logger = logging.getLogger(__name__)
+
+RANK_LOGS_DIR = (
+    "ranks"  # logs/ranks/: the other ranks' output, so logs/training_*.log is one file per attempt
+)
+
+
+def decide_on_rank_zero(
+    config: Config, cluster: ClusterEnvironment
+) -> tuple[Decision, ExperimentLock | None]:
+    """Rank 0 decides (and claims); every rank receives the same decision or raises the same error."""
+    checkpoint = config.training.checkpoint
+    outcome: dict[str, Any]
+    lock = None
+    if cluster.is_main:
+        try:
+            decision = claim_experiment(checkpoint.save_dir, checkpoint.resume, cluster.job_id)
+            lock = ExperimentLock(decision.save_dir)
+            lock.acquire(cluster.job_id)
+            removed = clean_staging(decision.save_dir)
+            if removed:
+                decision.note = (decision.note + "; " if decision.note else "") + f"removed partial {removed}"
+            outcome = {"decision": decision.to_dict()}
+        except errors.TsdiaError as err:
+            outcome = {"error": type(err).__name__, "message": str(err), "directory": checkpoint.save_dir}
+    else:
+        outcome = {}
+    outcome = broadcast_object(outcome)
+    if "error" in outcome:
+        if lock is not None:
+            lock.release()
+        raise _rebuild_error(outcome)
+    return Decision(**outcome["decision"]), lock
+
+
+def _rebuild_error(outcome: dict[str, Any]) -> errors.TsdiaError:
+    cls = getattr(errors, outcome["error"], errors.TsdiaError)
+    if cls is errors.CheckpointDirectoryExistsError:
+        return errors.CheckpointDirectoryExistsError(outcome["directory"])
+    return cls(outcome["message"])
+
+
+class ExperimentSession:
+    """Files and trackers of one attempt; `close()` releases them."""
+
+    def __init__(self, config: Config, cluster: ClusterEnvironment, decision: Decision) -> None:
+        self.config = config
+        self.cluster = cluster
+        self.decision = decision
+        self.save_dir = Path(decision.save_dir)
+        self.tee: ConsoleTee | None = None
+        self.trackers = Trackers()
+        self.lock: ExperimentLock | None = None
+
+    @property
+    def log_path(self) -> Path:
+        name = self.decision.log_name
+        if self.cluster.is_main:
+            return self.save_dir / LOGS_DIR / name
+        return (
+            self.save_dir / LOGS_DIR / RANK_LOGS_DIR / name.replace(".log", f".rank{self.cluster.rank}.log")
+        )
+
+    def start_logging(self) -> None:
+        """Create the directory skeleton (rank 0), then every rank tees its console to its log file."""
+        if self.cluster.is_main:
+            (self.save_dir / LOGS_DIR / RANK_LOGS_DIR).mkdir(parents=True, exist_ok=True)
+            (self.save_dir / STORE_DIR).mkdir(exist_ok=True)
+        barrier()
+        logging_config = self.config.training.logging
+        self.tee = setup_file_logger(self.log_path, progress_interval=logging_config.progress_log_seconds)
+        decision = self.decision
+        if self.cluster.is_main:
+            what = "Resuming" if decision.action == "resume" else "Starting"
+            print(
+                f"{what} experiment {decision.save_dir} (attempt {decision.resume_index}, log {self.log_path.name})"
+            )
+            if decision.resume_from:
+                print(f"Resuming from {decision.resume_from}")
+            if decision.note:
+                print(f"Note: {decision.note}")
+
+    def write_config(self) -> None:
+        """config.yml: a byte-identical copy, or the effective config when overrides were given."""
+        if not (self.cluster.is_main and self.decision.created_dir):
+            return
+        target = self.save_dir / "config.yml"
+        source = self.config.source
+        if source.path and not source.overrides:
+            tmp = target.with_name(".config.yml.tmp")
+            shutil.copyfile(source.path, tmp)
+            tmp.replace(target)
+        else:
+            import yaml
+
+            from tsdia.training.artifacts import full_config_dict
+
+            text = (
+                effective_yaml(self.config) if source.path else yaml.safe_dump(full_config_dict(self.config))
+            )
+            atomic_write_text(target, text)
+
+    def write_json_once(self, name: str, data: dict[str, Any]) -> None:
+        path = self.save_dir / name
+        if self.cluster.is_main and not path.exists():
+            atomic_write_text(path, json.dumps(data, indent=2, default=str))
+
+    def write_text_once(self, name: str, text: str) -> None:
+        path = self.save_dir / name
+        if self.cluster.is_main and not path.exists():
+            atomic_write_text(path, text)
+
+    def start_trackers(self, full_config: dict[str, Any], start_step: int) -> Trackers:
+        if not self.cluster.is_main:
+            return self.trackers
+        logging_config = self.config.training.logging
+        wandb_settings = None
+        if logging_config.wandb:
+            wandb_settings = WandbSettings(
+                project=logging_config.wandb_project,
+                entity=logging_config.wandb_entity,
+                run_name=logging_config.run_name or self.save_dir.resolve().name,
+                mode=logging_config.wandb_mode,
+                save_dir=str(self.save_dir),
+            )
+        resuming = self.decision.action == "resume"
+        self.trackers, wandb_tracker = init_trackers(
+            save_dir=str(self.save_dir),
+            full_config=full_config,
+            config_yaml=effective_yaml(self.config) if self.config.source.path else json.dumps(full_config),
+            tensorboard=logging_config.tensorboard,
+            wandb=wandb_settings,
+            start_step=start_step,
+            resuming=resuming,
+            wandb_run_id=read_wandb_run_id(str(self.save_dir)) if resuming else None,
+        )
+        if wandb_tracker is not None:
+            save_wandb_info(wandb_tracker, self.save_dir)
+        return self.trackers
+
+    def record_crash(self) -> None:
+        """Put the traceback in this rank's log now: Python prints it only after the tee is gone."""
+        if self.tee is not None:
+            self.tee.write_file_only(traceback.format_exc())
+
+    def close(self) -> None:
+        self.trackers.finish()
+        if self.tee is not None:
+            self.tee.close()
+        if self.lock is not None:
+            self.lock.release()

@@ -1,0 +1,172 @@
+"""Experiment trackers behind one small interface: TensorBoard, WandB, and a fan-out over both.
+
+Only rank 0 builds real trackers (`init_trackers` returns an empty `Trackers` elsewhere), so call sites
+never check ranks. wandb and tensorboard are imported only when enabled.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+logger = logging.getLogger(__name__)
+
+WANDB_INFO = "wandb_info.json"
+WANDB_INIT_TIMEOUT_S = 60
+
+
+class Tracker(Protocol):
+    def log(self, metrics: dict[str, float], step: int) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class Trackers:
+    """Fans every call out to the enabled trackers."""
+
+    def __init__(self, trackers: list[Tracker] | None = None) -> None:
+        self.trackers = trackers or []
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for tracker in self.trackers:
+            tracker.log(metrics, step)
+
+    def finish(self) -> None:
+        for tracker in self.trackers:
+            tracker.finish()
+
+    def __bool__(self) -> bool:
+        return bool(self.trackers)
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested mapping -> `{"a.b": value}` with only int/float/str/bool values (lists become strings)."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        elif isinstance(value, (bool, int, float, str)):
+            flat[name] = value
+        else:
+            flat[name] = json.dumps(value) if value is not None else "null"
+    return flat
+
+
+class TensorBoardTracker:
+    """Scalars, flattened hparams and the full YAML config in `<save_dir>/tensorboard/`."""
+
+    def __init__(
+        self, log_dir: str, config: dict[str, Any], config_yaml: str, start_step: int, resuming: bool
+    ) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard.summary import hparams
+
+        # purge_step drops events a crashed attempt logged after its last checkpoint: no duplicated steps.
+        self.writer = SummaryWriter(log_dir=log_dir, purge_step=start_step if resuming else None)
+        if not resuming:
+            self.writer.add_text("config", f"```yaml\n{config_yaml}\n```", 0)
+            experiment, session_start, session_end = hparams(flatten(config), {"val_loss": float("nan")})
+            file_writer = self.writer._get_file_writer()
+            for summary in (experiment, session_start, session_end):
+                file_writer.add_summary(summary)
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        for name, value in metrics.items():
+            self.writer.add_scalar(name, value, step)
+        self.writer.flush()
+
+    def finish(self) -> None:
+        self.writer.close()
+
+
+@dataclass
+class WandbSettings:
+    project: str
+    entity: str | None
+    run_name: str
+    mode: str  # auto, online or offline
+    save_dir: str
+
+
+class WandbTracker:
+    """A WandB run that continues across resumes (same run id) and never prompts or hangs."""
+
+    def __init__(self, settings: WandbSettings, config: dict[str, Any], run_id: str | None) -> None:
+        import wandb
+
+        self.mode = resolve_wandb_mode(settings.mode)
+        init_args: dict[str, Any] = dict(
+            project=settings.project,
+            entity=settings.entity,
+            name=settings.run_name,
+            config=config,
+            dir=settings.save_dir,
+            id=run_id,
+            resume="allow" if run_id else None,
+            settings=wandb.Settings(console="off", init_timeout=WANDB_INIT_TIMEOUT_S, silent=True),
+        )
+        try:
+            self.run = wandb.init(mode=self.mode, **init_args)  # type: ignore[arg-type]
+        except Exception as err:  # wandb raises many types for "cannot reach the server"
+            if self.mode != "online" or settings.mode == "online":
+                raise
+            print(f"WandB: could not start an online run ({err}); logging offline instead.", flush=True)
+            self.mode = "offline"
+            self.run = wandb.init(mode="offline", **init_args)
+        if self.mode == "offline":
+            print(
+                f"WandB: offline run {self.run.id} in {self.offline_dir()}; upload it later with: "
+                f"{self.sync_command()}",
+                flush=True,
+            )
+
+    def offline_dir(self) -> str | None:
+        if self.mode != "offline":
+            return None
+        return str(Path(self.run.dir).parent)
+
+    def sync_command(self) -> str | None:
+        """Uploads every offline attempt of this run (a resumed run has one directory per attempt)."""
+        directory = self.offline_dir()
+        return f"wandb sync {Path(directory).parent}/offline-run-*-{self.run.id}" if directory else None
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        self.run.finish()
+
+
+def resolve_wandb_mode(mode: str) -> str:
+    """`auto` -> online when an API key is configured, else offline; WANDB_MODE in the environment wins."""
+    env_mode = os.environ.get("WANDB_MODE")
+    if mode == "auto" and env_mode in ("online", "offline", "disabled", "dryrun"):
+        return "offline" if env_mode == "dryrun" else env_mode
+    if mode != "auto":
+        return mode
+    return "online" if has_wandb_credentials() else "offline"
+
+
+def has_wandb_credentials() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    try:
+        hosts = netrc.netrc().hosts
+    except (OSError, netrc.NetrcParseError):
+        return False
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
+    return base in hosts
+
+
+def read_wandb_run_id(save_dir: str) -> str | None:
+    """The run id an earlier attempt recorded, so a resume continues the same WandB run."""
+    try:
+        return json.loads((Path(save_dir) / WANDB_INFO).read_text()).get("run_id")
+    except (OSError, ValueError):
+        return None

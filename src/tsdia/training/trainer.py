@@ -1,0 +1,327 @@
+"""The training loop on Accelerate (+DeepSpeed): steps, validation, checkpoints, exact resume."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from tsdia import cluster as cluster_env
+from tsdia.config.schema import Config, ConfigSource, TrainingConfig
+from tsdia.training import checkpoint_store as store
+from tsdia.training.artifacts import full_config_dict, hyperparameters, model_summary
+from tsdia.training.components import build_optimizer, build_scheduler
+from tsdia.training.distributed import barrier, build_accelerator, deepspeed_config
+from tsdia.training.session import ExperimentSession, decide_on_rank_zero
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What a finished `Trainer.train()` reports."""
+
+    save_dir: str
+    global_step: int
+    epoch: int
+    last_checkpoint: str | None
+    best_checkpoint: str | None
+    val_metrics: dict[str, float] = field(default_factory=dict)
+    stopped_early: bool = False
+
+
+@dataclass
+class _Progress:
+    """Counters saved in every checkpoint (Accelerate does not store the step)."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    last_val_step: int = -1  # global step of the latest validation
+
+
+class Trainer:
+    """Trains `model` with full experiment management (see the README and the spec).
+
+    `model(batch)` must return a dict with a scalar `loss` (plus optional scalar metrics, averaged during
+    validation and logged as `val_<name>`), or the loss tensor itself.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        train_dataloader: DataLoader[Any],
+        val_dataloader: DataLoader[Any] | None,
+        config: Config | TrainingConfig,
+        config_path: str | None = None,
+        cluster: cluster_env.ClusterEnvironment | None = None,
+    ) -> None:
+        if isinstance(config, TrainingConfig):
+            config = Config(training=config)
+        if config_path and not config.source.path:
+            config.source = ConfigSource(path=config_path, text=Path(config_path).read_text())
+        self.config = config
+        self.model = model
+        self.train_dataloader = train_dataloader
+        self.val_dataloader = val_dataloader
+        self.cluster = cluster or cluster_env.detect()
+        self.progress = _Progress()
+        self.stop_requested = lambda: False  # replaced by the preemption handler under Slurm
+
+    def train(self) -> TrainResult:
+        """Run (or resume) the experiment to the end; raises `TsdiaError` subclasses for user mistakes."""
+        training = self.config.training
+        accelerator = build_accelerator(self.config, self.cluster)
+        decision, lock = decide_on_rank_zero(self.config, self.cluster)
+        session = ExperimentSession(self.config, self.cluster, decision)
+        session.lock = lock
+        self.accelerator, self.session = accelerator, session
+        try:
+            session.start_logging()
+            session.write_config()
+            result = self._run(accelerator, session, training)
+        except BaseException:
+            session.record_crash()
+            raise
+        finally:
+            session.close()
+        return result
+
+    def _run(self, accelerator: Any, session: ExperimentSession, training: TrainingConfig) -> TrainResult:
+        raw_optimizer = build_optimizer(self.model.parameters(), training.optimizer)
+        prepared = accelerator.prepare(self.model, raw_optimizer, self.train_dataloader, *self._val_loaders())
+        model, optimizer, train_dl = prepared[:3]
+        val_dl = prepared[3] if len(prepared) > 3 else None
+        steps_per_epoch = math.ceil(len(train_dl) / training.gradient_accumulation_steps)
+        schedule_steps = steps_per_epoch * training.epochs
+        total_steps = min(schedule_steps, training.max_steps or schedule_steps)
+        scheduler = build_scheduler(raw_optimizer, training.scheduler, schedule_steps)
+        accelerator.register_for_checkpointing(scheduler)
+        self.model_, self.optimizer, self.scheduler = model, optimizer, scheduler
+
+        zero_stage = self._zero_stage()
+        session.write_json_once(
+            "hyperparameters.json",
+            hyperparameters(
+                self.config,
+                world_size=accelerator.num_processes,
+                steps_per_epoch=steps_per_epoch,
+                total_steps=total_steps,
+                zero_stage=zero_stage,
+                num_parameters=sum(p.numel() for p in self.model.parameters()),
+                code_path=Path(__file__),
+            ),
+        )
+        session.write_text_once("model_summary.txt", model_summary(self.model))
+        if session.decision.resume_from:
+            self._load(session.decision.resume_from)
+        trackers = session.start_trackers(full_config_dict(self.config), self.progress.global_step)
+        self.trackers = trackers
+        barrier()
+
+        checkpoint_cfg = training.checkpoint
+        progress = self.progress
+        last_saved: str | None = None
+        val_metrics: dict[str, float] = {}
+        bar = tqdm(
+            total=total_steps,
+            initial=progress.global_step,
+            disable=not (accelerator.is_main_process and training.logging.progress_bar),
+            desc="train",
+            dynamic_ncols=True,
+        )
+        loss_sum = torch.zeros((), device=accelerator.device)
+        loss_count = 0
+        window_loss = torch.zeros((), device=accelerator.device)
+        stopped_early = False
+        model.train()
+        while progress.epoch < training.epochs and progress.global_step < total_steps:
+            epoch = progress.epoch
+            if progress.batches_in_epoch >= len(train_dl):
+                self._end_epoch(val_dl, epoch, trackers)
+                continue
+            train_dl.set_epoch(epoch)
+            batches = train_dl
+            if progress.batches_in_epoch:
+                batches = accelerator.skip_first_batches(train_dl, progress.batches_in_epoch)
+            for batch in batches:
+                with accelerator.accumulate(model):
+                    loss = _loss_of(model(batch))
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and training.max_grad_norm is not None:
+                        accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad()
+                progress.batches_in_epoch += 1
+                window_loss += loss.detach()
+                if not accelerator.sync_gradients:
+                    continue
+                micro = (progress.batches_in_epoch - 1) % training.gradient_accumulation_steps + 1
+                loss_sum += window_loss / micro
+                loss_count += 1
+                window_loss.zero_()
+                scheduler.step()
+                progress.global_step += 1
+                bar.update(1)
+                step = progress.global_step
+                if step % training.logging.interval == 0 or step == total_steps:
+                    mean_loss = accelerator.reduce(loss_sum / max(loss_count, 1), "mean").item()
+                    lr = float(scheduler.get_last_lr()[0])
+                    trackers.log({"train_loss": mean_loss, "lr": lr, "epoch": epoch}, step)
+                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                    loss_sum.zero_()
+                    loss_count = 0
+                epoch_done = progress.batches_in_epoch >= len(train_dl)
+                at_interval = checkpoint_cfg.interval is not None and step % checkpoint_cfg.interval == 0
+                # At an epoch's end the post-validation checkpoint covers this step.
+                if at_interval and not (epoch_done and self._validates_at(epoch)) and step < total_steps:
+                    last_saved = self.save_checkpoint({})
+                if self.stop_requested():
+                    stopped_early = True
+                    break
+                if step >= total_steps:
+                    break
+            if stopped_early:
+                break
+            if progress.batches_in_epoch >= len(train_dl):
+                val_metrics = self._end_epoch(val_dl, epoch, trackers) or val_metrics
+                if self._validates_at(epoch) and checkpoint_cfg.save_on_validation:
+                    last_saved = self.save_checkpoint(val_metrics)
+        bar.close()
+        if not stopped_early:
+            if progress.last_val_step != progress.global_step:
+                val_metrics = self._validate(val_dl, trackers) or val_metrics
+            last_saved = self.save_checkpoint(val_metrics, final=True)
+        else:
+            last_saved = self.save_checkpoint({})
+        best = Path(self.session.save_dir) / store.BEST_LINK
+        return TrainResult(
+            save_dir=str(self.session.save_dir),
+            global_step=progress.global_step,
+            epoch=progress.epoch,
+            last_checkpoint=last_saved,
+            best_checkpoint=str(best.resolve()) if best.is_symlink() else None,
+            val_metrics=val_metrics,
+            stopped_early=stopped_early,
+        )
+
+    def _val_loaders(self) -> list[DataLoader[Any]]:
+        return [self.val_dataloader] if self.val_dataloader is not None else []
+
+    def _validates_at(self, epoch: int) -> bool:
+        return (epoch + 1) % self.config.training.validation.interval == 0
+
+    def _end_epoch(self, val_dl: Any, epoch: int, trackers: Any) -> dict[str, float] | None:
+        """Close epoch `epoch`: validate if it is due, then move the counters to the next epoch."""
+        metrics = self._validate(val_dl, trackers) if self._validates_at(epoch) else None
+        self.progress.epoch = epoch + 1
+        self.progress.batches_in_epoch = 0
+        return metrics
+
+    @torch.no_grad()
+    def _validate(self, val_dl: Any, trackers: Any) -> dict[str, float]:
+        """Average every scalar the model returns over the validation set, across ranks; log as `val_*`."""
+        if val_dl is None:
+            return {}
+        accelerator = self.accelerator
+        model = self.model_
+        model.eval()
+        sums: dict[str, torch.Tensor] = {}
+        batches = 0
+        limit = self.config.training.validation.max_steps
+        for i, batch in enumerate(val_dl):
+            if limit is not None and i >= limit:
+                break
+            output = model(batch)
+            values = output if isinstance(output, dict) else {"loss": output}
+            for name, value in values.items():
+                if torch.is_tensor(value) and value.numel() == 1:
+                    sums[name] = (
+                        sums.get(name, torch.zeros((), device=accelerator.device)) + value.detach().float()
+                    )
+            batches += 1
+        model.train()
+        metrics = {
+            f"val_{name}": accelerator.reduce(total / max(batches, 1), "mean").item()
+            for name, total in sorted(sums.items())
+        }
+        step = self.progress.global_step
+        self.progress.last_val_step = step
+        self.trackers.log(metrics, step)
+        if accelerator.is_main_process:
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            print(f"Validation at step {step} (epoch {self.progress.epoch}): {shown}")
+            if self.trackers:
+                print("✓ Validation metrics logged to trackers")
+        return metrics
+
+    def save_checkpoint(self, metrics: dict[str, float], final: bool = False) -> str:
+        """Write a complete named checkpoint atomically (all ranks), then update best and rotate (rank 0)."""
+        progress = self.progress
+        # The epoch it was saved in: after an epoch closes the counter already points at the next one.
+        epoch = progress.epoch if progress.batches_in_epoch else max(progress.epoch - 1, 0)
+        name = store.checkpoint_name(epoch, progress.global_step)
+        save_dir = self.session.save_dir
+        if (save_dir / name).exists():
+            return str(save_dir / name)
+        accelerator = self.accelerator
+        staging = store.staging_path(save_dir, name)
+        if accelerator.is_main_process:
+            store.begin_checkpoint(save_dir, name)
+        barrier()
+        started = time.perf_counter()
+        accelerator.save_state(str(staging), safe_serialization=True)
+        barrier()
+        if accelerator.is_main_process:
+            checkpoint_cfg = self.config.training.checkpoint
+            final_path = store.commit_checkpoint(
+                save_dir, staging, name, progress.global_step, epoch, metrics, progress.__dict__.copy()
+            )
+            protected = [Path(self.session.decision.resume_from)] if self.session.decision.resume_from else []
+            store.update_best_and_rotate(
+                save_dir,
+                checkpoint_cfg.best_metric,
+                checkpoint_cfg.best_mode,
+                checkpoint_cfg.save_total_limit,
+                protected,
+            )
+            logger.info(
+                "Saved %s in %.2fs%s",
+                final_path.name,
+                time.perf_counter() - started,
+                " (final)" if final else "",
+            )
+        barrier()
+        return str(save_dir / name)
+
+    def _load(self, checkpoint: str) -> None:
+        self.accelerator.load_state(checkpoint)
+        state = json.loads((Path(checkpoint) / store.TRAINER_STATE).read_text())
+        self.progress = _Progress(**state)
+        logger.info(
+            "Resumed at step %d (epoch %d, batch %d)",
+            self.progress.global_step,
+            self.progress.epoch,
+            self.progress.batches_in_epoch,
+        )
+
+    def _zero_stage(self) -> int | None:
+        ds = deepspeed_config(self.config, self.cluster)
+        return None if ds is None else int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def _loss_of(output: Any) -> Any:
+    if isinstance(output, dict):
+        if "loss" not in output:
+            raise KeyError("the model's output dict has no 'loss' entry; return {'loss': tensor, ...}")
+        return output["loss"]
+    return output
