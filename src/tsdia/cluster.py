@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 DEFAULT_PORT = 29500
+CLAIM_TOKEN_VAR = "TSDIA_CLAIM_TOKEN"
 _PORT_BASE, _PORT_SPAN = 20000, 20000  # ports derived from a Slurm job id land in [20000, 40000)
 
 
@@ -31,6 +32,7 @@ class ClusterEnvironment:
     master_port: int = DEFAULT_PORT
     job_id: str | None = None
     restart_count: int = 0
+    claim_token: str | None = None  # set by tsdia-submit: proves this job owns its experiment directory
 
     @property
     def is_main(self) -> bool:
@@ -60,6 +62,7 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnvironment:
     if env.get("SLURM_ARRAY_TASK_ID") and env.get("SLURM_ARRAY_JOB_ID"):
         job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
     restart_count = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
+    token = env.get(CLAIM_TOKEN_VAR) or None
     if "RANK" in env and "WORLD_SIZE" in env:
         world = int(env["WORLD_SIZE"])
         local_world = int(env.get("LOCAL_WORLD_SIZE", world))
@@ -75,6 +78,7 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnvironment:
             master_port=int(env.get("MASTER_PORT", DEFAULT_PORT)),
             job_id=job_id,
             restart_count=restart_count,
+            claim_token=token,
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and _is_slurm_step(env):
         nodes = expand_hostlist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "")
@@ -90,12 +94,14 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnvironment:
             master_port=int(env.get("MASTER_PORT") or port_for_job(job_id)),
             job_id=job_id,
             restart_count=restart_count,
+            claim_token=token,
         )
     return ClusterEnvironment(
         launcher="single",
         master_port=int(env.get("MASTER_PORT") or DEFAULT_PORT),
         job_id=job_id,
         restart_count=restart_count,
+        claim_token=token,
     )
 
 

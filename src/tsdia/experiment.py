@@ -23,7 +23,9 @@ from tsdia.training.checkpoint_store import latest_checkpoint, read_manifest
 
 LOGS_DIR = "logs"
 LOCK_FILE = ".tsdia.lock"
-OWNER_FILE = ".tsdia-owner.json"  # written by tsdia-submit: which Slurm job owns this directory
+OWNER_FILE = (
+    ".tsdia-owner.json"  # written by tsdia-submit: the claim token (and job id) owning this directory
+)
 _RESUME_LOG = re.compile(r"^training_resume_(\d+)_\d{8}_\d{6}\.log$")
 
 
@@ -53,7 +55,7 @@ def now_timestamp() -> str:
     return time.strftime("%Y%m%d_%H%M%S")
 
 
-def claim_experiment(save_dir: str, resume: str | None, job_id: str | None = None) -> Decision:
+def claim_experiment(save_dir: str, resume: str | None, claim_token: str | None = None) -> Decision:
     """Decide what this run does with `save_dir` and claim the directory if it is new.
 
     Raises `CheckpointDirectoryExistsError` (exists, not resuming), `CheckpointError` (bad resume path),
@@ -66,11 +68,14 @@ def claim_experiment(save_dir: str, resume: str | None, job_id: str | None = Non
             f"training.checkpoint.save_dir: {save_dir} exists and is not a directory; choose another path."
         )
     owner = read_owner(root)
-    if owner is not None and job_id is not None and owner.get("job_id") == job_id:
-        # This Slurm job claimed the directory at submit time: first start, or a requeue of it.
+    if owner is not None and claim_token is not None and owner.get("claim_token") == claim_token:
+        # tsdia-submit claimed the directory for this job: its first start, or a requeue of it.
         resume = resume or "latest"
         if not (root / LOGS_DIR).exists():
-            return Decision("fresh", save_dir, timestamp, created_dir=True, note=f"claimed by job {job_id}")
+            job = owner.get("job_id") or "?"
+            return Decision(
+                "fresh", save_dir, timestamp, created_dir=True, note=f"claimed at submit time by job {job}"
+            )
     if resume is None:
         _create(root, save_dir)
         return Decision("fresh", save_dir, timestamp, created_dir=True)

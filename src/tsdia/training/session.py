@@ -41,7 +41,7 @@ def decide_on_rank_zero(
     lock = None
     if cluster.is_main:
         try:
-            decision = claim_experiment(checkpoint.save_dir, checkpoint.resume, cluster.job_id)
+            decision = claim_experiment(checkpoint.save_dir, checkpoint.resume, cluster.claim_token)
             lock = ExperimentLock(decision.save_dir)
             lock.acquire(cluster.job_id)
             removed = clean_staging(decision.save_dir)
