@@ -9,6 +9,7 @@ they are, but the file gets complete lines only, with a redrawn line written at 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import threading
@@ -19,52 +20,55 @@ _CHUNK = 1 << 16
 
 
 class _LineCollapser:
-    """Turns one stream's bytes into complete log lines, collapsing `\\r` redraws."""
+    """Turns one stream's bytes into complete log lines, as a terminal would show them.
+
+    `\r` returns to the start of the line, so only the text after the last `\r` is kept (a tqdm
+    redraw, or a bar cleared with `\r   \r` before a message). A line that is still being redrawn
+    is written at most every `progress_interval` seconds.
+    """
 
     def __init__(self, sink: BinaryIO, lock: threading.Lock, progress_interval: float) -> None:
         self.sink = sink
         self.lock = lock
         self.interval = progress_interval
-        self.pending = b""  # the current, not yet terminated line (only its last redraw)
-        self.pending_written = False
-        self.last_progress = 0.0
+        self.pending = b""  # the current line as a terminal shows it now
+        self.redrawn = False  # the current line has been redrawn with \r (a progress bar)
+        self.written = b""  # what of the current line already reached the file
+        self.last_progress = -math.inf  # the first redraw is written at once
 
     def feed(self, data: bytes) -> None:
-        lines = data.split(b"\n")
+        pieces = data.split(b"\n")
         out = []
-        for complete in lines[:-1]:
-            line = self._redraw(self.pending, complete)
-            if line or not self.pending_written:
-                out.append(line + b"\n")
-            self.pending, self.pending_written = b"", False
-        tail = lines[-1]
-        if tail:
-            self.pending = self._redraw(self.pending, tail)
-            if b"\r" in tail and self.pending:
-                self.pending_written = False
-                now = time.monotonic()
-                if now - self.last_progress >= self.interval:
+        for i, piece in enumerate(pieces):
+            newline = i < len(pieces) - 1
+            if newline and piece.endswith(b"\r"):
+                piece = piece[:-1]  # CRLF
+            if b"\r" in piece:
+                self.pending = piece.rsplit(b"\r", 1)[1]
+                self.redrawn = True
+            else:
+                self.pending += piece
+            if newline:
+                if not (self.written and self.pending == self.written):
                     out.append(self.pending + b"\n")
-                    self.pending_written = True
-                    self.last_progress = now
+                self.pending, self.redrawn, self.written = b"", False, b""
+        if self.redrawn and self.pending.strip() and self.pending != self.written:
+            now = time.monotonic()
+            if now - self.last_progress >= self.interval:
+                out.append(self.pending + b"\n")
+                self.written = self.pending
+                self.last_progress = now
         if out:
             with self.lock:
                 self.sink.write(b"".join(out))
                 self.sink.flush()
 
-    @staticmethod
-    def _redraw(pending: bytes, text: bytes) -> bytes:
-        """What a terminal would show: the text after the last carriage return that is not empty."""
-        combined = pending + text
-        parts = [p for p in combined.split(b"\r") if p.strip()]
-        return parts[-1].rstrip(b"\r") if parts else b""
-
     def flush_pending(self) -> None:
-        if self.pending and not self.pending_written:
+        if self.pending.strip() and self.pending != self.written:
             with self.lock:
                 self.sink.write(self.pending + b"\n")
                 self.sink.flush()
-        self.pending, self.pending_written = b"", True
+        self.pending, self.redrawn, self.written = b"", False, b""
 
 
 class ConsoleTee:

@@ -67,8 +67,10 @@ class TensorBoardTracker:
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
 
-        # purge_step drops events a crashed attempt logged after its last checkpoint: no duplicated steps.
-        self.writer = SummaryWriter(log_dir=log_dir, purge_step=start_step if resuming else None)
+        # On resume, drop what an earlier attempt logged after the checkpoint we resume from (steps
+        # > start_step; all of them when it restarts from scratch): no duplicated or backward steps.
+        purge_step = (start_step + 1 if start_step else 0) if resuming else None
+        self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
         if not resuming:
             self.writer.add_text("config", f"```yaml\n{config_yaml}\n```", 0)
             experiment, session_start, session_end = hparams(flatten(config), {"val_loss": float("nan")})

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tsdia import cluster as cluster_env
 from tsdia.config.schema import Config, ConfigSource, TrainingConfig
@@ -127,7 +128,15 @@ class Trainer:
         trackers = session.start_trackers(full_config_dict(self.config), self.progress.global_step)
         self.trackers = trackers
         barrier()
+        # Entered after the trackers start (wandb swaps the console streams): from here on log records go
+        # through tqdm.write, so they never land in the middle of a progress-bar line.
+        with logging_redirect_tqdm():
+            return self._loop(model, optimizer, train_dl, val_dl, scheduler, total_steps)
 
+    def _loop(
+        self, model: Any, optimizer: Any, train_dl: Any, val_dl: Any, scheduler: Any, total_steps: int
+    ) -> TrainResult:
+        accelerator, trackers, training = self.accelerator, self.trackers, self.config.training
         checkpoint_cfg = training.checkpoint
         progress = self.progress
         last_saved: str | None = None
@@ -259,9 +268,9 @@ class Trainer:
         self.trackers.log(metrics, step)
         if accelerator.is_main_process:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            print(f"Validation at step {step} (epoch {self.progress.epoch}): {shown}")
+            tqdm.write(f"Validation at step {step} (epoch {self.progress.epoch}): {shown}")
             if self.trackers:
-                print("✓ Validation metrics logged to trackers")
+                tqdm.write("✓ Validation metrics logged to trackers")
         return metrics
 
     def save_checkpoint(self, metrics: dict[str, float], final: bool = False) -> str:

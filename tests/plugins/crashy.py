@@ -1,0 +1,29 @@
+"""A model that talks through every channel a log must capture, then crashes at a chosen step."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import warnings
+
+from tsdia.examples.tsvad import TargetSpeakerVAD
+
+
+class CrashingModel(TargetSpeakerVAD):
+    def __init__(self, crash_at_call: int = 3, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.crash_at_call = crash_at_call
+        self.calls = 0
+
+    def forward(self, batch):  # type: ignore[no-untyped-def]
+        self.calls += 1
+        if self.calls == 1:
+            print("plugin: hello from print")
+            warnings.warn("plugin: a warning", UserWarning, stacklevel=1)
+            logging.getLogger("plugin").info("plugin: a logging record")
+            subprocess.run(
+                ["sh", "-c", "echo plugin: from a child process; echo plugin: child stderr >&2"], check=True
+            )
+        if self.calls == self.crash_at_call:
+            raise RuntimeError(f"boom at call {self.calls}")
+        return super().forward(batch)
