@@ -26,7 +26,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     train_dl, val_dl = build_dataloaders(train_set, val_set, config.training)
     trainer = Trainer(model, train_dl, val_dl, config=config, config_path=config_path)
     result = trainer.train()
-    print(f"Done: {result.global_step} steps; experiment in {result.save_dir}")
+    if trainer.cluster.is_main:
+        print(f"Done: {result.global_step} steps; experiment in {result.save_dir}")
     return 0
 
 

@@ -27,3 +27,26 @@ class CrashingModel(TargetSpeakerVAD):
         if self.calls == self.crash_at_call:
             raise RuntimeError(f"boom at call {self.calls}")
         return super().forward(batch)
+
+
+class RankReportingModel(TargetSpeakerVAD):
+    """Prints a checksum of its parameters on every validation, in each rank's own log."""
+
+    def __init__(self, crash_on_rank: int = -1, crash_at_call: int = 0, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.crash_on_rank = crash_on_rank
+        self.crash_at_call = crash_at_call
+        self.calls = 0
+
+    def forward(self, batch):  # type: ignore[no-untyped-def]
+        import torch.distributed as dist
+
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        self.calls += 1
+        if rank == self.crash_on_rank and self.calls == self.crash_at_call:
+            raise RuntimeError(f"boom on rank {rank}")
+        out = super().forward(batch)
+        if not self.training:
+            checksum = sum(float(p.double().sum()) for p in self.parameters())
+            print(f"PARAM_CHECKSUM rank={rank} value={checksum!r}", flush=True)
+        return out

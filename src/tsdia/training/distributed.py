@@ -89,6 +89,8 @@ def deepspeed_config(config: Config, cluster: ClusterEnvironment) -> dict[str, A
                 "needs zero_stage: 3."
             )
         zero["offload_param"] = {"device": ds.offload_param}
+    if ds.zero_stage == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True  # for the final checkpoint's safetensors
     out = {
         **expected,
         "zero_optimization": zero,

@@ -76,6 +76,7 @@ class Trainer:
         self.val_dataloader = val_dataloader
         self.cluster = cluster or cluster_env.detect()
         self.progress = _Progress()
+        self.total_steps = 0
         self.stop_requested = lambda: False  # replaced by the preemption handler under Slurm
 
     def train(self) -> TrainResult:
@@ -105,6 +106,7 @@ class Trainer:
         steps_per_epoch = math.ceil(len(train_dl) / training.gradient_accumulation_steps)
         schedule_steps = steps_per_epoch * training.epochs
         total_steps = min(schedule_steps, training.max_steps or schedule_steps)
+        self.total_steps = total_steps
         scheduler = build_scheduler(raw_optimizer, training.scheduler, schedule_steps)
         accelerator.register_for_checkpointing(scheduler)
         self.model_, self.optimizer, self.scheduler = model, optimizer, scheduler
@@ -209,7 +211,7 @@ class Trainer:
         if not stopped_early:
             if progress.last_val_step != progress.global_step:
                 val_metrics = self._validate(val_dl, trackers) or val_metrics
-            last_saved = self.save_checkpoint(val_metrics, final=True)
+            last_saved = self.save_checkpoint(val_metrics)
         else:
             last_saved = self.save_checkpoint({})
         best = Path(self.session.save_dir) / store.BEST_LINK
@@ -273,9 +275,10 @@ class Trainer:
                 tqdm.write("✓ Validation metrics logged to trackers")
         return metrics
 
-    def save_checkpoint(self, metrics: dict[str, float], final: bool = False) -> str:
+    def save_checkpoint(self, metrics: dict[str, float]) -> str:
         """Write a complete named checkpoint atomically (all ranks), then update best and rotate (rank 0)."""
         progress = self.progress
+        final = progress.global_step >= self.total_steps  # the end of training, wherever it is saved from
         # The epoch it was saved in: after an epoch closes the counter already points at the next one.
         epoch = progress.epoch if progress.batches_in_epoch else max(progress.epoch - 1, 0)
         name = store.checkpoint_name(epoch, progress.global_step)
@@ -289,6 +292,8 @@ class Trainer:
         barrier()
         started = time.perf_counter()
         accelerator.save_state(str(staging), safe_serialization=True)
+        if final and self._zero_stage() is not None:
+            self._save_consolidated_weights(staging)
         barrier()
         if accelerator.is_main_process:
             checkpoint_cfg = self.config.training.checkpoint
@@ -311,6 +316,14 @@ class Trainer:
             )
         barrier()
         return str(save_dir / name)
+
+    def _save_consolidated_weights(self, directory: Path) -> None:
+        """DeepSpeed checkpoints hold sharded engine states; the final one also gets plain weights."""
+        from safetensors.torch import save_file
+
+        state = self.accelerator.get_state_dict(self.model_)  # a collective under ZeRO-3
+        if self.accelerator.is_main_process:
+            save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
 
     def _load(self, checkpoint: str) -> None:
         self.accelerator.load_state(checkpoint)
