@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLE, REPO, quiet_env, tree
 from safetensors.torch import load_file
 
+from conftest import EXAMPLE, REPO, quiet_env, tree
 from tsdia.errors import directory_exists_message
 
 pytestmark = pytest.mark.slow
