@@ -90,7 +90,7 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnvironment:
             local_world_size=_tasks_on_this_node(env),
             node_rank=int(env.get("SLURM_NODEID", "0")),
             num_nodes=int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or len(nodes) or 1),
-            master_addr=env.get("MASTER_ADDR") or _resolve(nodes[0] if nodes else "127.0.0.1"),
+            master_addr=env.get("MASTER_ADDR") or _master_address(nodes, env),
             master_port=int(env.get("MASTER_PORT") or port_for_job(job_id)),
             job_id=job_id,
             restart_count=restart_count,
@@ -124,11 +124,18 @@ def port_for_job(job_id: str | None) -> int:
     return _PORT_BASE + digits % _PORT_SPAN
 
 
-def _resolve(host: str) -> str:
-    try:
-        return socket.gethostbyname(host)
-    except OSError:
-        return host
+def _master_address(nodes: list[str], env: Mapping[str, str]) -> str:
+    """The first node of the allocation (where the batch script and rank 0 run), as an address.
+
+    A node name that does not resolve (some sites, or a local test cluster) falls back to the address
+    of the node that launched the step, which Slurm gives us directly.
+    """
+    if nodes:
+        try:
+            return socket.gethostbyname(nodes[0])
+        except OSError:
+            pass
+    return env.get("SLURM_LAUNCH_NODE_IPADDR") or (nodes[0] if nodes else "127.0.0.1")
 
 
 def expand_hostlist(hostlist: str) -> list[str]:
