@@ -7,6 +7,8 @@ The command-line entry points print it without a traceback and exit with `EXIT_U
 from __future__ import annotations
 
 EXIT_USAGE = 2  # bad input or a refused experiment: the user must change something
+EXIT_REQUEUED = 3  # stopped on a signal, saved, and the Slurm job was requeued: it will resume by itself
+EXIT_STOPPED = 4  # stopped on a signal and saved, but not requeued: resume with `resume: latest`
 
 
 class TsdiaError(Exception):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from tsdia.errors import EXIT_USAGE, TsdiaError
+from tsdia.errors import EXIT_REQUEUED, EXIT_STOPPED, EXIT_USAGE, TsdiaError
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -26,6 +26,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     train_dl, val_dl = build_dataloaders(train_set, val_set, config.training)
     trainer = Trainer(model, train_dl, val_dl, config=config, config_path=config_path)
     result = trainer.train()
+    if result.stopped_early:
+        return EXIT_REQUEUED if result.requeued else EXIT_STOPPED
     if trainer.cluster.is_main:
         print(f"Done: {result.global_step} steps; experiment in {result.save_dir}")
     return 0

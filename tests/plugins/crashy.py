@@ -50,3 +50,27 @@ class RankReportingModel(TargetSpeakerVAD):
             checksum = sum(float(p.double().sum()) for p in self.parameters())
             print(f"PARAM_CHECKSUM rank={rank} value={checksum!r}", flush=True)
         return out
+
+
+class SelfSignalingModel(TargetSpeakerVAD):
+    """Sends its own process a signal at a chosen training call: a deterministic 'preemption'."""
+
+    def __init__(
+        self, signal_at_call: int = 0, signal_rank: int = 0, signal_name: str = "SIGUSR2", **kwargs: object
+    ):
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.signal_at_call, self.signal_rank, self.signal_name = signal_at_call, signal_rank, signal_name
+        self.calls = 0
+
+    def forward(self, batch):  # type: ignore[no-untyped-def]
+        import os
+        import signal
+
+        import torch.distributed as dist
+
+        if self.training:
+            self.calls += 1
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            if self.calls == self.signal_at_call and rank == self.signal_rank:
+                os.kill(os.getpid(), signal.Signals[self.signal_name])
+        return super().forward(batch)

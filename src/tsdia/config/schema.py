@@ -103,6 +103,16 @@ class ValidationConfig:
 
 
 @dataclass
+class PreemptionConfig:
+    signals: list[str] = option(
+        ["SIGUSR2", "SIGTERM"], "Signals that mean 'save and stop' (Slurm's time-limit/preemption signals)."
+    )
+    check_interval: int = option(
+        10, "Optimizer steps between the ranks' agreement on stopping (one tiny all-reduce each time).", gt=0
+    )
+
+
+@dataclass
 class TrainingConfig:
     epochs: int = option(10, "Number of epochs; the learning-rate schedule is defined over them.", gt=0)
     max_steps: int | None = option(
@@ -119,6 +129,7 @@ class TrainingConfig:
     checkpoint: CheckpointConfig = section(CheckpointConfig, "Experiment directory and checkpoints.")
     logging: LoggingConfig = section(LoggingConfig, "Console, file and tracker logging.")
     validation: ValidationConfig = section(ValidationConfig, "Validation schedule.")
+    preemption: PreemptionConfig = section(PreemptionConfig, "Stopping cleanly on a signal (then requeue).")
 
 
 @dataclass

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import signal
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from tsdia.config.schema import TrainingConfig
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave preemption signals to the main process, which saves and then ends them."""
+    for name in ("SIGUSR1", "SIGUSR2", "SIGTERM"):
+        signal.signal(signal.Signals[name], signal.SIG_IGN)
 
 
 def build_dataloaders(
@@ -26,7 +33,7 @@ def build_dataloaders(
         num_workers=config.num_workers,
         collate_fn=getattr(train_set, "collate_fn", None),
         generator=torch.Generator().manual_seed(config.seed),
-        persistent_workers=False,
+        worker_init_fn=ignore_stop_signals,
     )
     val = None
     if val_set is not None:
@@ -37,5 +44,6 @@ def build_dataloaders(
             num_workers=config.num_workers,
             collate_fn=getattr(val_set, "collate_fn", None),
             generator=torch.Generator().manual_seed(config.seed + 1),
+            worker_init_fn=ignore_stop_signals,
         )
     return train, val

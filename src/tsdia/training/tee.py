@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import select
 import sys
 import threading
 import time
 from typing import BinaryIO
 
 _CHUNK = 1 << 16
+_POLL_S = 0.05  # after close(), the pump stops once the pipe has been empty this long
 
 
 class _LineCollapser:
@@ -81,6 +83,7 @@ class ConsoleTee:
         self._lock = threading.Lock()
         self._streams: list[tuple[int, int, threading.Thread, _LineCollapser]] = []
         self._closed = False
+        self._stopping = threading.Event()
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
                 stream.flush()
@@ -103,6 +106,11 @@ class ConsoleTee:
     def _pump(self, read_end: int, console: int, collapser: _LineCollapser) -> None:
         try:
             while True:
+                ready, _, _ = select.select([read_end], [], [], _POLL_S)
+                if not ready:
+                    if self._stopping.is_set():
+                        break  # drained: a child that still holds the pipe (wandb's service) cannot stall us
+                    continue
                 data = os.read(read_end, _CHUNK)
                 if not data:
                     break
@@ -128,7 +136,8 @@ class ConsoleTee:
             with contextlib.suppress(Exception):
                 stream.flush()
         for fd, saved, _, _ in self._streams:
-            os.dup2(saved, fd)  # closes our end of the pipe: the pump sees EOF once children let go
+            os.dup2(saved, fd)  # nothing new enters the pipes from this process
+        self._stopping.set()
         for _, saved, thread, _ in self._streams:
             thread.join(timeout)
             os.close(saved)

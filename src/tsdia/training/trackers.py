@@ -37,8 +37,12 @@ class Trackers:
             tracker.log(metrics, step)
 
     def finish(self) -> None:
+        """Close every tracker; one that fails (e.g. wandb's service killed by a signal) is only logged."""
         for tracker in self.trackers:
-            tracker.finish()
+            try:
+                tracker.finish()
+            except Exception as err:
+                logger.warning("Closing %s failed: %s", type(tracker).__name__, err)
 
     def __bool__(self) -> bool:
         return bool(self.trackers)

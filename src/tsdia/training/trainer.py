@@ -21,7 +21,15 @@ from tsdia.config.schema import Config, ConfigSource, TrainingConfig
 from tsdia.training import checkpoint_store as store
 from tsdia.training.artifacts import full_config_dict, hyperparameters, model_summary
 from tsdia.training.components import build_optimizer, build_scheduler
-from tsdia.training.distributed import barrier, build_accelerator, deepspeed_config
+from tsdia.training.distributed import barrier, broadcast_object, build_accelerator, deepspeed_config
+from tsdia.training.preemption import (
+    Attempt,
+    PreemptionWatcher,
+    classify_stop,
+    decide_requeue,
+    record_attempt,
+    requeue_job,
+)
 from tsdia.training.session import ExperimentSession, decide_on_rank_zero
 
 logger = logging.getLogger(__name__)
@@ -38,6 +46,8 @@ class TrainResult:
     best_checkpoint: str | None
     val_metrics: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
+    stop_reason: str | None = None  # why it stopped early: preemption, time limit, stop request
+    requeued: bool = False  # the Slurm job was put back in the queue and will resume by itself
 
 
 @dataclass
@@ -77,7 +87,7 @@ class Trainer:
         self.cluster = cluster or cluster_env.detect()
         self.progress = _Progress()
         self.total_steps = 0
-        self.stop_requested = lambda: False  # replaced by the preemption handler under Slurm
+        self.start_step = 0
 
     def train(self) -> TrainResult:
         """Run (or resume) the experiment to the end; raises `TsdiaError` subclasses for user mistakes."""
@@ -87,16 +97,70 @@ class Trainer:
         session = ExperimentSession(self.config, self.cluster, decision)
         session.lock = lock
         self.accelerator, self.session = accelerator, session
+        preemption = training.preemption
+        self.watcher = PreemptionWatcher(
+            preemption.signals, preemption.check_interval, accelerator.num_processes > 1, accelerator.device
+        )
+        self.watcher.install()
         try:
             session.start_logging()
             session.write_config()
             result = self._run(accelerator, session, training)
-        except BaseException:
+        except BaseException as err:
             session.record_crash()
+            if isinstance(err, Exception):
+                self._after_stop(None, crashed=True)
             raise
         finally:
+            self.watcher.uninstall()
             session.close()
+        if result.stopped_early:
+            self._after_stop(result, crashed=False)
         return result
+
+    def _after_stop(self, result: TrainResult | None, crashed: bool) -> None:
+        """Record the attempt and, under Slurm, requeue the job if the bounds allow (rank 0 decides)."""
+        slurm = self.config.slurm
+        requeue = False
+        if self.cluster.is_main:
+            signal_name = None if crashed else self.watcher.stop_signal
+            reason = classify_stop(signal_name, self.cluster.job_id, slurm.signal_lead_s)
+            history = record_attempt(
+                self.session.save_dir / store.STORE_DIR,
+                Attempt(
+                    resume_index=self.session.decision.resume_index,
+                    job_id=self.cluster.job_id,
+                    restart_count=self.cluster.restart_count,
+                    start_step=self.start_step,
+                    stop_step=self.progress.global_step,
+                    reason=reason,
+                    time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+                ),
+            )
+            if self.cluster.job_id is None:
+                print(
+                    f"Stopped: {reason} at step {self.progress.global_step}. Resume with "
+                    "training.checkpoint.resume=latest."
+                )
+            else:
+                requeue, why = decide_requeue(
+                    history, self.cluster.restart_count, slurm.max_requeues, crashed, slurm.requeue_on_crash
+                )
+                print(
+                    f"Stopped: {reason} at step {self.progress.global_step}; {'' if requeue else 'not '}"
+                    f"requeueing: {why}."
+                )
+        if crashed:
+            if requeue and self.cluster.job_id:
+                requeue_job(self.cluster.job_id)
+            return
+        requeue = bool(broadcast_object(requeue))
+        barrier()  # every rank has saved and closed its files before Slurm ends this attempt
+        if requeue and self.cluster.is_main and self.cluster.job_id:
+            requeue_job(self.cluster.job_id)
+        if result is not None:
+            result.stop_reason = self.watcher.stop_signal
+            result.requeued = requeue
 
     def _run(self, accelerator: Any, session: ExperimentSession, training: TrainingConfig) -> TrainResult:
         raw_optimizer = build_optimizer(self.model.parameters(), training.optimizer)
@@ -127,6 +191,7 @@ class Trainer:
         session.write_text_once("model_summary.txt", model_summary(self.model))
         if session.decision.resume_from:
             self._load(session.decision.resume_from)
+        self.start_step = self.progress.global_step
         trackers = session.start_trackers(full_config_dict(self.config), self.progress.global_step)
         self.trackers = trackers
         barrier()
@@ -196,10 +261,10 @@ class Trainer:
                 # At an epoch's end the post-validation checkpoint covers this step.
                 if at_interval and not (epoch_done and self._validates_at(epoch)) and step < total_steps:
                     last_saved = self.save_checkpoint({})
-                if self.stop_requested():
-                    stopped_early = True
-                    break
                 if step >= total_steps:
+                    break
+                if self.watcher.should_stop(step):
+                    stopped_early = True
                     break
             if stopped_early:
                 break

@@ -1,0 +1,168 @@
+"""Stopping on a signal without saving inside the handler: flag -> agreed step -> collective save.
+
+The handler only records the signal. The trainer asks `should_stop()` after every optimizer step; every
+`check_interval` steps the ranks all-reduce their flags, so all of them stop after the same step (a
+single process checks every step for free). After the collective save, `decide_requeue` says whether
+the Slurm job goes back in the queue, bounded by `slurm.max_requeues` and by progress: a job that keeps
+being stopped without getting past its last checkpoint is not requeued forever.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from tsdia.fileio import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+ATTEMPTS_FILE = "attempts.json"  # in checkpoints/: one record per stopped attempt
+NO_PROGRESS_LIMIT = 3  # stop requeueing after this many attempts in a row that saved no new step
+
+
+class PreemptionWatcher:
+    """Installs flag-only signal handlers; `should_stop()` makes every rank agree on when to stop."""
+
+    def __init__(
+        self, signals: Sequence[str], check_interval: int, distributed: bool, device: Any = "cpu"
+    ) -> None:
+        self.signal_numbers = [signal.Signals[name] for name in signals]
+        self.check_interval = check_interval
+        self.distributed = distributed
+        self.device = device
+        self.received: int | None = None  # signal number, set by the handler
+        self.received_at: float | None = None
+        self.stop_signal: str | None = None  # the agreed stop's signal name, once decided
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        for number in self.signal_numbers:
+            self._previous[number] = signal.signal(number, self._handle)
+
+    def uninstall(self) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        # Nothing else here: saving inside a handler can deadlock (locks held by the interrupted code).
+        if self.received is None:
+            self.received, self.received_at = signum, time.time()
+
+    def should_stop(self, step: int) -> bool:
+        """True on every rank at the same step once any rank has received a signal."""
+        if self.stop_signal is not None:
+            return True
+        if not self.distributed:
+            local = self.received
+        elif step % self.check_interval == 0:
+            flag = torch.tensor([self.received or 0], dtype=torch.int64, device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            local = int(flag.item()) or None
+        else:
+            return False
+        if local:
+            self.stop_signal = signal.Signals(local).name
+            logger.warning(
+                "Received %s: saving a checkpoint at step %d and stopping.", self.stop_signal, step
+            )
+            return True
+        return False
+
+
+@dataclass
+class Attempt:
+    """What one stopped (or crashed) attempt did, for the requeue bound."""
+
+    resume_index: int
+    job_id: str | None
+    restart_count: int
+    start_step: int
+    stop_step: int
+    reason: str
+    time: str
+
+
+def record_attempt(store_dir: Path, attempt: Attempt) -> list[Attempt]:
+    """Append to `checkpoints/attempts.json` (rank 0) and return the whole history."""
+    path = store_dir / ATTEMPTS_FILE
+    history = read_attempts(path)
+    history.append(attempt)
+    atomic_write_text(path, json.dumps([asdict(a) for a in history], indent=2))
+    return history
+
+
+def read_attempts(path: Path) -> list[Attempt]:
+    try:
+        return [Attempt(**item) for item in json.loads(path.read_text())]
+    except (OSError, ValueError, TypeError):
+        return []
+
+
+def decide_requeue(
+    history: list[Attempt], restart_count: int, max_requeues: int, crashed: bool, requeue_on_crash: bool
+) -> tuple[bool, str]:
+    """Whether to requeue, and why (or why not), in words for the log."""
+    if crashed and not requeue_on_crash:
+        return False, "a crash is not requeued (set slurm.requeue_on_crash: true to change that)"
+    if restart_count >= max_requeues:
+        return False, f"slurm.max_requeues={max_requeues} reached ({restart_count} requeues so far)"
+    recent = history[-NO_PROGRESS_LIMIT:]
+    if len(recent) == NO_PROGRESS_LIMIT and all(a.stop_step <= a.start_step for a in recent):
+        return False, (
+            f"the last {NO_PROGRESS_LIMIT} attempts saved no new step (stopped before their first checkpoint?): "
+            "lower checkpoint.interval or raise slurm.signal_lead_s"
+        )
+    return True, f"requeue {restart_count + 1} of at most {max_requeues}"
+
+
+def classify_stop(signal_name: str | None, job_id: str | None, lead_s: int) -> str:
+    """preemption, time limit, or a plain stop request, from the signal and the job's time left."""
+    if signal_name is None:
+        return "crash"
+    if job_id is None:
+        return f"stop requested ({signal_name})"
+    left = slurm_time_left_s(job_id)
+    if left is not None and left <= lead_s + 90:
+        return f"time limit ({signal_name}, {left} s left)"
+    return f"preemption ({signal_name})"
+
+
+def slurm_time_left_s(job_id: str) -> int | None:
+    """Seconds until the job's time limit, from squeue (None if unknown or unlimited)."""
+    try:
+        out = subprocess.run(
+            ["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return parse_slurm_duration(out)
+
+
+def parse_slurm_duration(text: str) -> int | None:
+    """`[days-]hours:minutes:seconds` (or shorter) -> seconds; None for UNLIMITED or junk."""
+    days, _, clock = text.rpartition("-")
+    try:
+        parts = [int(p) for p in clock.split(":")]
+        seconds = 0
+        for part in parts:
+            seconds = seconds * 60 + part
+        return seconds + int(days or 0) * 86400
+    except ValueError:
+        return None
+
+
+def requeue_job(job_id: str) -> None:
+    """`scontrol requeue`: Slurm ends this attempt and reruns the job (same id, restart count + 1)."""
+    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True)
