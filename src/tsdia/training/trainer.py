@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from tsdia import cluster as cluster_env
 from tsdia.config.schema import Config, ConfigSource, TrainingConfig
 from tsdia.training import checkpoint_store as store
 from tsdia.training.artifacts import full_config_dict, hyperparameters, model_summary
+from tsdia.training.checkpointing import Checkpointer
 from tsdia.training.components import build_optimizer, build_scheduler
 from tsdia.training.distributed import barrier, broadcast_object, build_accelerator, deepspeed_config
 from tsdia.training.preemption import (
@@ -189,8 +189,21 @@ class Trainer:
             ),
         )
         session.write_text_once("model_summary.txt", model_summary(self.model))
+        self.checkpointer = Checkpointer(
+            accelerator,
+            session.save_dir,
+            training.checkpoint,
+            zero_stage is not None,
+            session.decision.resume_from,
+        )
         if session.decision.resume_from:
-            self._load(session.decision.resume_from)
+            self.progress = _Progress(**self.checkpointer.load(session.decision.resume_from))
+            logger.info(
+                "Resumed at step %d (epoch %d, batch %d)",
+                self.progress.global_step,
+                self.progress.epoch,
+                self.progress.batches_in_epoch,
+            )
         self.start_step = self.progress.global_step
         trackers = session.start_trackers(full_config_dict(self.config), self.progress.global_step)
         self.trackers = trackers
@@ -341,65 +354,15 @@ class Trainer:
         return metrics
 
     def save_checkpoint(self, metrics: dict[str, float]) -> str:
-        """Write a complete named checkpoint atomically (all ranks), then update best and rotate (rank 0)."""
+        """Save the current state as a complete named checkpoint (collective: every rank calls it)."""
         progress = self.progress
-        final = progress.global_step >= self.total_steps  # the end of training, wherever it is saved from
         # The epoch it was saved in: after an epoch closes the counter already points at the next one.
         epoch = progress.epoch if progress.batches_in_epoch else max(progress.epoch - 1, 0)
-        name = store.checkpoint_name(epoch, progress.global_step)
-        save_dir = self.session.save_dir
-        if (save_dir / name).exists():
-            return str(save_dir / name)
-        accelerator = self.accelerator
-        staging = store.staging_path(save_dir, name)
-        if accelerator.is_main_process:
-            store.begin_checkpoint(save_dir, name)
-        barrier()
-        started = time.perf_counter()
-        accelerator.save_state(str(staging), safe_serialization=True)
-        if final and self._zero_stage() is not None:
-            self._save_consolidated_weights(staging)
-        barrier()
-        if accelerator.is_main_process:
-            checkpoint_cfg = self.config.training.checkpoint
-            final_path = store.commit_checkpoint(
-                save_dir, staging, name, progress.global_step, epoch, metrics, progress.__dict__.copy()
-            )
-            protected = [Path(self.session.decision.resume_from)] if self.session.decision.resume_from else []
-            store.update_best_and_rotate(
-                save_dir,
-                checkpoint_cfg.best_metric,
-                checkpoint_cfg.best_mode,
-                checkpoint_cfg.save_total_limit,
-                protected,
-            )
-            logger.info(
-                "Saved %s in %.2fs%s",
-                final_path.name,
-                time.perf_counter() - started,
-                " (final)" if final else "",
-            )
-        barrier()
-        return str(save_dir / name)
-
-    def _save_consolidated_weights(self, directory: Path) -> None:
-        """DeepSpeed checkpoints hold sharded engine states; the final one also gets plain weights."""
-        from safetensors.torch import save_file
-
-        state = self.accelerator.get_state_dict(self.model_)  # a collective under ZeRO-3
-        if self.accelerator.is_main_process:
-            save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
-
-    def _load(self, checkpoint: str) -> None:
-        self.accelerator.load_state(checkpoint)
-        state = json.loads((Path(checkpoint) / store.TRAINER_STATE).read_text())
-        self.progress = _Progress(**state)
-        logger.info(
-            "Resumed at step %d (epoch %d, batch %d)",
-            self.progress.global_step,
-            self.progress.epoch,
-            self.progress.batches_in_epoch,
+        final = progress.global_step >= self.total_steps  # the end of training, wherever it is saved from
+        path = self.checkpointer.save(
+            self.model_, epoch, progress.global_step, metrics, asdict(progress), final
         )
+        return str(path)
 
     def _zero_stage(self) -> int | None:
         ds = deepspeed_config(self.config, self.cluster)
