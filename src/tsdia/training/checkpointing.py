@@ -62,8 +62,10 @@ class Checkpointer:
             accelerator.save_state(str(staging), safe_serialization=True)
             if final and self.deepspeed:
                 self._save_consolidated_weights(model, staging)
-        except OSError as err:
-            error = f"{type(err).__name__}: {err.strerror or err}"
+        except Exception as err:  # serialisers wrap I/O errors in their own types (SafetensorError, ...)
+            if not isinstance(err, OSError):
+                logger.debug("Writing %s failed", name, exc_info=True)
+            error = f"{type(err).__name__}: {getattr(err, 'strerror', None) or err}"
         # Every rank learns whether any rank failed, so none of them waits for the others forever.
         errors = [e for e in _gather(error) if e]
         if not errors and accelerator.is_main_process:
