@@ -258,3 +258,30 @@ def test_config_copy_is_byte_identical_without_overrides(tmp_path: Path) -> None
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "exp" / "config.yml").read_bytes() == config.read_bytes()
     shutil.rmtree(tmp_path / "exp")
+
+
+def test_async_save_keeps_checkpoints_atomic_and_resume_exact(tmp_path: Path) -> None:
+    """Forked background writes: same files, same weights as synchronous saving, exact resume."""
+    common = [*SMALL, "training.logging.wandb=false", "training.checkpoint.async_save=true"]
+    sync, part = tmp_path / "sync", tmp_path / "part"
+    assert (
+        run_train(
+            tmp_path, *SMALL, "training.logging.wandb=false", f"training.checkpoint.save_dir={sync}"
+        ).returncode
+        == 0
+    )
+    first = run_train(tmp_path, *common, f"training.checkpoint.save_dir={part}", "training.max_steps=7")
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert "Saved checkpoint-epoch0-step3 in the background" in first.stderr + first.stdout
+    assert (part / "checkpoint-epoch0-step6" / "manifest.json").exists()
+    resumed = run_train(
+        tmp_path, *common, f"training.checkpoint.save_dir={part}", "training.checkpoint.resume=latest"
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _weights(sync / "checkpoint-epoch1-step16"), _weights(part / "checkpoint-epoch1-step16")
+    assert all(a[name].equal(b[name]) for name in a)
+    for name in ("checkpoint-epoch1-step15", "checkpoint-epoch1-step16"):
+        assert sorted(p.name for p in (sync / name).iterdir()) == sorted(
+            p.name for p in (part / name).iterdir()
+        )
+    assert not list((part / "checkpoints").glob(".incomplete-*"))

@@ -72,6 +72,10 @@ class CheckpointConfig:
     save_on_validation: bool = option(
         True, "Also save a checkpoint after each validation, so it can be best."
     )
+    async_save: bool = option(
+        False,
+        "Write checkpoints from a forked copy-on-write snapshot while training goes on (not DeepSpeed).",
+    )
 
 
 @dataclass

@@ -1,16 +1,24 @@
 """Saving and loading through Accelerate (and DeepSpeed) with tsdia's atomic checkpoint protocol.
 
-Every rank writes its part into the staging directory, all ranks meet at a barrier, then rank 0 writes
-the manifest and renames the directory into place, updates `best_checkpoint` and rotates. A write that
-fails (disk full, quota) raises `CheckpointError` and leaves the earlier checkpoints as they were.
+Every rank writes its part into the staging directory, all ranks meet, then rank 0 writes the manifest
+and renames the directory into place, updates `best_checkpoint` and rotates. A write that fails (disk
+full, quota) raises `CheckpointError` on every rank and leaves the earlier checkpoints as they were.
+
+With `checkpoint.async_save` the write happens in a forked child: the fork is a copy-on-write snapshot
+of the process at that step, so training goes on at once while the child serialises. At most one write
+is in flight; it is committed (manifest, rename, best, rotation) at the next save or at the end.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import sys
 import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +28,22 @@ from tsdia.training import checkpoint_store as store
 from tsdia.training.distributed import barrier, broadcast_object
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Write:
+    """A checkpoint whose files are being (or have been) written into `staging`."""
+
+    name: str
+    staging: Path
+    step: int
+    epoch: int
+    metrics: dict[str, float]
+    trainer_state: dict[str, Any]
+    final: bool
+    started: float
+    child: int | None = None  # pid of the background writer
+    error: str | None = None
 
 
 class Checkpointer:
@@ -35,7 +59,11 @@ class Checkpointer:
         self.save_dir = save_dir
         self.config = config
         self.deepspeed = deepspeed
+        # DeepSpeed engines write collectively: they cannot be forked away.
+        self.background = config.async_save and not deepspeed
         self.protected = [Path(resume_from)] if resume_from else []  # rotation never deletes these
+        self.pending: _Write | None = None
+        self.blocked_s = 0.0  # total time the training loop spent inside save()
 
     def save(
         self,
@@ -47,30 +75,92 @@ class Checkpointer:
         final: bool,
     ) -> Path:
         """Write checkpoint-epoch{epoch}-step{step} (a no-op if it exists). Collective: call on every rank."""
+        started = time.perf_counter()
         name = store.checkpoint_name(epoch, step)
         final_path = self.save_dir / name
+        if self.pending is not None and self.pending.name == name:
+            return final_path
+        self.wait()  # at most one write in flight, committed in order
         if final_path.exists():
             return final_path
-        accelerator = self.accelerator
-        staging = store.staging_path(self.save_dir, name)
-        started = time.perf_counter()
-        error = None
+        write = _Write(
+            name, store.staging_path(self.save_dir, name), step, epoch, metrics, trainer_state, final, started
+        )
         try:
-            if accelerator.is_main_process:
+            if self.accelerator.is_main_process:
                 store.begin_checkpoint(self.save_dir, name)
-            barrier()
-            accelerator.save_state(str(staging), safe_serialization=True)
+        except OSError as err:
+            write.error = _describe(err)
+        barrier()
+        if write.error is None:
+            if self.background and not final:
+                write.child = self._fork_writer(write.staging)
+            else:
+                write.error = self._write_files(model, write.staging, final)
+        self.pending = write
+        if write.child is None:
+            self.wait()
+        self.blocked_s += time.perf_counter() - started
+        return final_path
+
+    def _write_files(self, model: Any, staging: Path, final: bool) -> str | None:
+        try:
+            self.accelerator.save_state(str(staging), safe_serialization=True)
             if final and self.deepspeed:
                 self._save_consolidated_weights(model, staging)
         except Exception as err:  # serialisers wrap I/O errors in their own types (SafetensorError, ...)
             if not isinstance(err, OSError):
-                logger.debug("Writing %s failed", name, exc_info=True)
-            error = f"{type(err).__name__}: {getattr(err, 'strerror', None) or err}"
-        # Every rank learns whether any rank failed, so none of them waits for the others forever.
-        errors = [e for e in _gather(error) if e]
-        if not errors and accelerator.is_main_process:
+                logger.debug("Writing %s failed", staging.name, exc_info=True)
+            return _describe(err)
+        return None
+
+    def _fork_writer(self, staging: Path) -> int:
+        """Write the state from a copy-on-write child; the parent returns at once."""
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        pid = os.fork()
+        if pid == 0:  # the child: write, then leave without running any of the parent's exit handlers
+            code = 1
             try:
-                store.commit_checkpoint(self.save_dir, staging, name, step, epoch, metrics, trainer_state)
+                import torch
+
+                torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork
+                self.accelerator.save_state(str(staging), safe_serialization=True)
+                code = 0
+            except BaseException:
+                with open(staging.parent / f"{staging.name}.error", "w") as f:
+                    traceback.print_exc(file=f)
+            finally:
+                os._exit(code)
+        return pid
+
+    def wait(self) -> None:
+        """Finish the pending write: wait for its writer, then commit it (collective)."""
+        write, self.pending = self.pending, None
+        if write is None:
+            return
+        if write.child is not None:
+            _, status = os.waitpid(write.child, 0)
+            if status != 0:
+                report = write.staging.parent / f"{write.staging.name}.error"
+                detail = (
+                    report.read_text().strip().splitlines()[-1] if report.exists() else f"status {status}"
+                )
+                write.error = f"background writer failed: {detail}"
+                report.unlink(missing_ok=True)
+        # Every rank learns whether any rank failed, so none of them waits for the others forever.
+        errors = [e for e in _gather(write.error) if e]
+        if not errors and self.accelerator.is_main_process:
+            try:
+                store.commit_checkpoint(
+                    self.save_dir,
+                    write.staging,
+                    write.name,
+                    write.step,
+                    write.epoch,
+                    write.metrics,
+                    write.trainer_state,
+                )
                 store.update_best_and_rotate(
                     self.save_dir,
                     self.config.best_metric,
@@ -79,22 +169,27 @@ class Checkpointer:
                     self.protected,
                 )
             except OSError as err:
-                errors = [f"{type(err).__name__}: {err.strerror or err}"]
+                errors = [_describe(err)]
         errors = broadcast_object(errors)
         if errors:
-            if accelerator.is_main_process:
-                shutil.rmtree(staging, ignore_errors=True)
+            if self.accelerator.is_main_process:
+                shutil.rmtree(write.staging, ignore_errors=True)
             latest = store.latest_checkpoint(self.save_dir)
             raise CheckpointError(
-                f"could not write checkpoint {name} in {self.save_dir}: {errors[0]}. "
+                f"could not write checkpoint {write.name} in {self.save_dir}: {errors[0]}. "
                 f"The earlier checkpoints are intact (latest complete: {latest.name if latest else 'none'}); "
                 "free some space, then resume with training.checkpoint.resume=latest."
             )
-        if accelerator.is_main_process:
-            took = time.perf_counter() - started
-            logger.info("Saved %s in %.2fs%s", name, took, " (final)" if final else "")
+        if self.accelerator.is_main_process:
+            how = "in the background" if write.child else f"in {time.perf_counter() - write.started:.2f}s"
+            logger.info("Saved %s %s%s", write.name, how, " (final)" if write.final else "")
         barrier()
-        return final_path
+
+    def abandon(self) -> None:
+        """After a crash: reap a background writer without committing (its staging is cleaned next start)."""
+        write, self.pending = self.pending, None
+        if write is not None and write.child is not None:
+            os.waitpid(write.child, 0)
 
     def _save_consolidated_weights(self, model: Any, directory: Path) -> None:
         """DeepSpeed checkpoints hold sharded engine states; the final one also gets plain weights."""
@@ -109,6 +204,10 @@ class Checkpointer:
         self.accelerator.load_state(checkpoint)
         state: dict[str, Any] = json.loads((Path(checkpoint) / store.TRAINER_STATE).read_text())
         return state
+
+
+def _describe(err: BaseException) -> str:
+    return f"{type(err).__name__}: {getattr(err, 'strerror', None) or err}"
 
 
 def _gather(item: Any) -> list[Any]:

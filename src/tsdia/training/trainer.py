@@ -108,6 +108,8 @@ class Trainer:
             result = self._run(accelerator, session, training)
         except BaseException as err:
             session.record_crash()
+            if getattr(self, "checkpointer", None) is not None:
+                self.checkpointer.abandon()
             if isinstance(err, Exception):
                 self._after_stop(None, crashed=True)
             raise
@@ -292,6 +294,7 @@ class Trainer:
             last_saved = self.save_checkpoint(val_metrics)
         else:
             last_saved = self.save_checkpoint({})
+        self.checkpointer.wait()  # a background write still in flight is committed before we return
         best = Path(self.session.save_dir) / store.BEST_LINK
         return TrainResult(
             save_dir=str(self.session.save_dir),
