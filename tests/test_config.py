@@ -182,3 +182,9 @@ def test_example_config_is_valid() -> None:
     config = load_config(str(Path(__file__).parents[1] / "configs" / "example.yml"))
     assert config.training.logging.wandb and config.training.logging.tensorboard
     assert yaml.safe_load(config.source.text)["model"]["encoder"] in ("transformer", "linear_attention")
+
+
+def test_slurm_time_stays_a_string(tmp_path: Path) -> None:
+    """YAML 1.1 would read 4:00:00 as the base-60 integer 14400."""
+    config = load_config(write(tmp_path, GOOD + "slurm:\n  time: 4:00:00\n  setup: ['module load cuda']\n"))
+    assert config.slurm.time == "4:00:00" and config.slurm.setup == ["module load cuda"]

@@ -68,14 +68,26 @@ def claim_experiment(save_dir: str, resume: str | None, claim_token: str | None 
             f"training.checkpoint.save_dir: {save_dir} exists and is not a directory; choose another path."
         )
     owner = read_owner(root)
+    claimed_first_start = False
     if owner is not None and claim_token is not None and owner.get("claim_token") == claim_token:
         # tsdia-submit claimed the directory for this job: its first start, or a requeue of it.
-        resume = resume or "latest"
+        note = f"claimed at submit time by job {owner.get('job_id') or '?'}"
         if not (root / LOGS_DIR).exists():
-            job = owner.get("job_id") or "?"
-            return Decision(
-                "fresh", save_dir, timestamp, created_dir=True, note=f"claimed at submit time by job {job}"
-            )
+            if resume in (None, "latest"):
+                return Decision("fresh", save_dir, timestamp, created_dir=True, note=note)
+            claimed_first_start = True  # an explicit checkpoint to start from: checked below
+        else:
+            latest = latest_checkpoint(root)
+            if latest is not None or resume in (None, "latest"):
+                # A requeue continues from its own newest checkpoint, not from the one it started from.
+                return Decision(
+                    "resume",
+                    save_dir,
+                    timestamp,
+                    resume_from=str(latest) if latest else None,
+                    resume_index=next_resume_index(root),
+                    note=note if latest else f"{note}; no complete checkpoint yet: restarting from step 0",
+                )
     if resume is None:
         _create(root, save_dir)
         return Decision("fresh", save_dir, timestamp, created_dir=True)
@@ -109,7 +121,7 @@ def claim_experiment(save_dir: str, resume: str | None, claim_token: str | None 
             f"checkpoint.resume: {resume} is not a complete tsdia checkpoint (no valid manifest.json). "
             "Use 'latest' to pick the newest complete one, or another checkpoint-epoch*-step* directory."
         )
-    created = _create(root, save_dir, exist_ok=True)
+    created = _create(root, save_dir, exist_ok=True) or claimed_first_start
     return Decision(
         "resume",
         save_dir,

@@ -24,6 +24,12 @@ class _Loader(yaml.SafeLoader):
     """SafeLoader that also reads `1e-3` as a float (YAML 1.1 would make it a string)."""
 
 
+# YAML 1.1 reads `4:00:00` as the base-60 integer 14400; a config means a string (a Slurm time).
+_BASE60 = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
+for _first in "-+0123456789":
+    _Loader.yaml_implicit_resolvers.setdefault(_first, [])
+    _Loader.yaml_implicit_resolvers[_first] = [("tag:yaml.org,2002:str", _BASE60)] + _Loader.yaml_implicit_resolvers[_first]
+
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),

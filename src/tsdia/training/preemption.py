@@ -163,6 +163,18 @@ def parse_slurm_duration(text: str) -> int | None:
         return None
 
 
-def requeue_job(job_id: str) -> None:
-    """`scontrol requeue`: Slurm ends this attempt and reruns the job (same id, restart count + 1)."""
-    subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True)
+def requeue_job(job_id: str) -> bool:
+    """`scontrol requeue`: Slurm ends this attempt and reruns the job (same id, restart count + 1).
+
+    Fails harmlessly when the job is already being requeued (e.g. an administrator's requeue sent the
+    SIGTERM that stopped us): the checkpoint is saved either way.
+    """
+    try:
+        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True, text=True)
+    except subprocess.CalledProcessError as err:
+        logger.warning("scontrol requeue %s failed (%s); the job may already be requeued.", job_id, err.stderr.strip())
+        return False
+    except (OSError, subprocess.TimeoutExpired) as err:
+        logger.warning("scontrol requeue %s failed: %s", job_id, err)
+        return False
+    return True

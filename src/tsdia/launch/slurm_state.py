@@ -1,0 +1,103 @@
+"""A Slurm job's state, read with `scontrol` (or `sacct` once the controller has forgotten the job).
+
+`--wait` follows a job until it ends for good: a requeued job (preemption, time limit, `scontrol
+requeue`) goes back to PENDING under the same id, so only the states below end the wait.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Callable
+
+# States after which the job will not run again by itself.
+FINAL_STATES = frozenset(
+    {
+        "COMPLETED",
+        "FAILED",
+        "CANCELLED",
+        "TIMEOUT",
+        "OUT_OF_MEMORY",
+        "BOOT_FAIL",
+        "DEADLINE",
+        "NODE_FAIL",
+        "PREEMPTED",
+        "SPECIAL_EXIT",
+        "REVOKED",
+    }
+)
+# Final-looking states that a requeue may still follow: believed only after they last this long.
+_MAYBE_REQUEUED = frozenset({"NODE_FAIL", "PREEMPTED"})
+_SETTLE_S = 15.0
+_ACTIVE_STATES = frozenset(
+    {
+        "PENDING",
+        "RUNNING",
+        "CONFIGURING",
+        "COMPLETING",
+        "SUSPENDED",
+        "REQUEUED",
+        "REQUEUE_HOLD",
+        "REQUEUE_FED",
+    }
+)
+_STATE = re.compile(r"\bJobState=(\S+)")
+_EXIT = re.compile(r"\bExitCode=(\S+)")
+
+Runner = Callable[[list[str]], str | None]
+
+
+def _run(cmd: list[str]) -> str | None:
+    """stdout of a Slurm command, or None when it fails (unknown job, no accounting, no Slurm)."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout if done.returncode == 0 else None
+
+
+def job_state(job_id: str, run: Runner = _run) -> tuple[str, str]:
+    """(state, exit code) of a job; ("UNKNOWN", "") when neither scontrol nor sacct knows it."""
+    out = run(["scontrol", "show", "job", "-o", job_id])
+    if out:
+        state_match, exit_match = _STATE.search(out), _EXIT.search(out)
+        if state_match:
+            return state_match.group(1), exit_match.group(1) if exit_match else ""
+    out = run(["sacct", "-X", "-n", "-P", "-j", job_id, "-o", "State,ExitCode"])
+    if out and out.strip():
+        state_text, _, exit_code = out.strip().splitlines()[-1].partition("|")
+        # sacct writes "CANCELLED by 0"
+        return (state_text.split()[0] if state_text.split() else "UNKNOWN"), exit_code
+    return "UNKNOWN", ""
+
+
+def is_job_active(job_id: str, run: Runner = _run) -> bool:
+    """True while the job is queued, running or waiting to be requeued."""
+    return job_state(job_id, run)[0] in _ACTIVE_STATES
+
+
+def wait_for_job(
+    job_id: str,
+    on_change: Callable[[str], None] = lambda state: None,
+    poll_s: float = 2.0,
+    run: Runner = _run,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
+) -> tuple[str, str]:
+    """Block until the job ends for good (requeues included); returns its final (state, exit code)."""
+    last = ""
+    since = clock()  # when the job entered its current state
+    unknown_polls = 0
+    while True:
+        state, exit_code = job_state(job_id, run)
+        if state != last:
+            on_change(state)
+            last = state
+            since = clock()
+        if state in FINAL_STATES and (state not in _MAYBE_REQUEUED or clock() - since >= _SETTLE_S):
+            return state, exit_code
+        unknown_polls = unknown_polls + 1 if state == "UNKNOWN" else 0
+        if unknown_polls * poll_s > 120:
+            return "UNKNOWN", exit_code
+        sleep(poll_s)
