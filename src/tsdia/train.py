@@ -12,6 +12,10 @@ def run(argv: Sequence[str] | None = None) -> int:
     from tsdia.parse_args import unified_parser
 
     config, config_path = unified_parser(argv)
+    from tsdia.training.preemption import catch_stop_signals_early, ignore_stop_signals
+
+    stop_signals = config.training.preemption.signals
+    catch_stop_signals_early(stop_signals)
 
     from accelerate.utils import set_seed
 
@@ -26,6 +30,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     train_dl, val_dl = build_dataloaders(train_set, val_set, config.training)
     trainer = Trainer(model, train_dl, val_dl, config=config, config_path=config_path)
     result = trainer.train()
+    ignore_stop_signals(stop_signals)  # everything is saved: a late signal must not fail the job
     if result.stopped_early:
         return EXIT_REQUEUED if result.requeued else EXIT_STOPPED
     if trainer.cluster.is_main:

@@ -74,3 +74,23 @@ class SelfSignalingModel(TargetSpeakerVAD):
             if self.calls == self.signal_at_call and rank == self.signal_rank:
                 os.kill(os.getpid(), signal.Signals[self.signal_name])
         return super().forward(batch)
+
+
+class SlowModel(TargetSpeakerVAD):
+    """Takes `step_seconds` per training batch, so a job lives long enough to be signalled mid-run."""
+
+    def __init__(self, step_seconds: float = 0.2, crash_at_call: int = 0, **kwargs: object) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.step_seconds = step_seconds
+        self.crash_at_call = crash_at_call
+        self.calls = 0
+
+    def forward(self, batch):  # type: ignore[no-untyped-def]
+        import time
+
+        if self.training:
+            self.calls += 1
+            if self.calls == self.crash_at_call:
+                raise RuntimeError("crash inside the job")
+            time.sleep(self.step_seconds)
+        return super().forward(batch)

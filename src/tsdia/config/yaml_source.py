@@ -28,7 +28,9 @@ class _Loader(yaml.SafeLoader):
 _BASE60 = re.compile(r"^[-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+(?:\.[0-9_]*)?$")
 for _first in "-+0123456789":
     _Loader.yaml_implicit_resolvers.setdefault(_first, [])
-    _Loader.yaml_implicit_resolvers[_first] = [("tag:yaml.org,2002:str", _BASE60)] + _Loader.yaml_implicit_resolvers[_first]
+    _Loader.yaml_implicit_resolvers[_first] = [
+        ("tag:yaml.org,2002:str", _BASE60)
+    ] + _Loader.yaml_implicit_resolvers[_first]
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",

@@ -20,15 +20,35 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-import torch
-import torch.distributed as dist
-
+from tsdia.cluster import ClusterEnvironment
+from tsdia.config.schema import SlurmConfig
 from tsdia.fileio import atomic_write_text
+from tsdia.training.checkpoint_store import STORE_DIR
 
 logger = logging.getLogger(__name__)
 
 ATTEMPTS_FILE = "attempts.json"  # in checkpoints/: one record per stopped attempt
 NO_PROGRESS_LIMIT = 3  # stop requeueing after this many attempts in a row that saved no new step
+
+
+_early_signal: int | None = None  # a stop signal that arrived before the trainer was ready
+
+
+def catch_stop_signals_early(signals: Sequence[str]) -> None:
+    """Flag stop signals from process start on (the heavy imports take seconds); the trainer picks it up."""
+
+    def remember(signum: int, frame: FrameType | None) -> None:
+        global _early_signal
+        _early_signal = _early_signal or signum
+
+    for name in signals:
+        signal.signal(signal.Signals[name], remember)
+
+
+def ignore_stop_signals(signals: Sequence[str]) -> None:
+    """After the work is saved: a late signal must not turn a finished run into a killed one."""
+    for name in signals:
+        signal.signal(signal.Signals[name], signal.SIG_IGN)
 
 
 class PreemptionWatcher:
@@ -41,7 +61,7 @@ class PreemptionWatcher:
         self.check_interval = check_interval
         self.distributed = distributed
         self.device = device
-        self.received: int | None = None  # signal number, set by the handler
+        self.received: int | None = _early_signal  # signal number, set by the handler
         self.received_at: float | None = None
         self.stop_signal: str | None = None  # the agreed stop's signal name, once decided
         self._previous: dict[int, Any] = {}
@@ -67,6 +87,9 @@ class PreemptionWatcher:
         if not self.distributed:
             local = self.received
         elif step % self.check_interval == 0:
+            import torch
+            import torch.distributed as dist
+
             flag = torch.tensor([self.received or 0], dtype=torch.int64, device=self.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             local = int(flag.item()) or None
@@ -96,6 +119,7 @@ class Attempt:
 
 def record_attempt(store_dir: Path, attempt: Attempt) -> list[Attempt]:
     """Append to `checkpoints/attempts.json` (rank 0) and return the whole history."""
+    store_dir.mkdir(parents=True, exist_ok=True)
     path = store_dir / ATTEMPTS_FILE
     history = read_attempts(path)
     history.append(attempt)
@@ -125,6 +149,45 @@ def decide_requeue(
             "lower checkpoint.interval or raise slurm.signal_lead_s"
         )
     return True, f"requeue {restart_count + 1} of at most {max_requeues}"
+
+
+def plan_after_stop(
+    *,
+    save_dir: Path,
+    cluster: ClusterEnvironment,
+    slurm: SlurmConfig,
+    resume_index: int,
+    start_step: int,
+    stop_step: int,
+    signal_name: str | None,
+) -> bool:
+    """Record this attempt, print why it stopped and what happens next, and return whether to requeue.
+
+    `signal_name` None means a crash. Rank 0 only; it runs while the log tee is still open.
+    """
+    reason = classify_stop(signal_name, cluster.job_id, slurm.signal_lead_s)
+    attempt = Attempt(
+        resume_index=resume_index,
+        job_id=cluster.job_id,
+        restart_count=cluster.restart_count,
+        start_step=start_step,
+        stop_step=stop_step,
+        reason=reason,
+        time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+    )
+    history = record_attempt(save_dir / STORE_DIR, attempt)
+    if cluster.job_id is None:
+        print(
+            f"Stopped: {reason} at step {stop_step}. Resume with training.checkpoint.resume=latest.",
+            flush=True,
+        )
+        return False
+    crashed = signal_name is None
+    requeue, why = decide_requeue(
+        history, cluster.restart_count, slurm.max_requeues, crashed, slurm.requeue_on_crash
+    )
+    print(f"Stopped: {reason} at step {stop_step}; {'' if requeue else 'not '}requeueing: {why}.", flush=True)
+    return requeue
 
 
 def classify_stop(signal_name: str | None, job_id: str | None, lead_s: int) -> str:
@@ -170,9 +233,13 @@ def requeue_job(job_id: str) -> bool:
     SIGTERM that stopped us): the checkpoint is saved either way.
     """
     try:
-        subprocess.run(["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True, text=True)
+        subprocess.run(
+            ["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True, text=True
+        )
     except subprocess.CalledProcessError as err:
-        logger.warning("scontrol requeue %s failed (%s); the job may already be requeued.", job_id, err.stderr.strip())
+        logger.warning(
+            "scontrol requeue %s failed (%s); the job may already be requeued.", job_id, err.stderr.strip()
+        )
         return False
     except (OSError, subprocess.TimeoutExpired) as err:
         logger.warning("scontrol requeue %s failed: %s", job_id, err)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,14 +21,7 @@ from tsdia.training.artifacts import full_config_dict, hyperparameters, model_su
 from tsdia.training.checkpointing import Checkpointer
 from tsdia.training.components import build_optimizer, build_scheduler
 from tsdia.training.distributed import barrier, broadcast_object, build_accelerator, deepspeed_config
-from tsdia.training.preemption import (
-    Attempt,
-    PreemptionWatcher,
-    classify_stop,
-    decide_requeue,
-    record_attempt,
-    requeue_job,
-)
+from tsdia.training.preemption import PreemptionWatcher, plan_after_stop, requeue_job
 from tsdia.training.session import ExperimentSession, decide_on_rank_zero
 
 logger = logging.getLogger(__name__)
@@ -102,67 +94,44 @@ class Trainer:
             preemption.signals, preemption.check_interval, accelerator.num_processes > 1, accelerator.device
         )
         self.watcher.install()
+        requeue = crashed = False
         try:
             session.start_logging()
             session.write_config()
             result = self._run(accelerator, session, training)
+            if result.stopped_early:
+                requeue = bool(broadcast_object(self._plan_after_stop(crashed=False)))
+                result.stop_reason, result.requeued = self.watcher.stop_signal, requeue
         except BaseException as err:
+            crashed = True
             session.record_crash()
             if getattr(self, "checkpointer", None) is not None:
                 self.checkpointer.abandon()
-            if isinstance(err, Exception):
-                self._after_stop(None, crashed=True)
+            requeue = isinstance(err, Exception) and self._plan_after_stop(crashed=True)
             raise
         finally:
             self.watcher.uninstall()
             session.close()
-        if result.stopped_early:
-            self._after_stop(result, crashed=False)
+            if requeue:
+                if not crashed:
+                    barrier()  # every rank has saved and closed its files before Slurm ends this attempt
+                if self.cluster.is_main and self.cluster.job_id:
+                    requeue_job(self.cluster.job_id)
         return result
 
-    def _after_stop(self, result: TrainResult | None, crashed: bool) -> None:
-        """Record the attempt and, under Slurm, requeue the job if the bounds allow (rank 0 decides)."""
-        slurm = self.config.slurm
-        requeue = False
-        if self.cluster.is_main:
-            signal_name = None if crashed else self.watcher.stop_signal
-            reason = classify_stop(signal_name, self.cluster.job_id, slurm.signal_lead_s)
-            history = record_attempt(
-                self.session.save_dir / store.STORE_DIR,
-                Attempt(
-                    resume_index=self.session.decision.resume_index,
-                    job_id=self.cluster.job_id,
-                    restart_count=self.cluster.restart_count,
-                    start_step=self.start_step,
-                    stop_step=self.progress.global_step,
-                    reason=reason,
-                    time=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                ),
-            )
-            if self.cluster.job_id is None:
-                print(
-                    f"Stopped: {reason} at step {self.progress.global_step}. Resume with "
-                    "training.checkpoint.resume=latest."
-                )
-            else:
-                requeue, why = decide_requeue(
-                    history, self.cluster.restart_count, slurm.max_requeues, crashed, slurm.requeue_on_crash
-                )
-                print(
-                    f"Stopped: {reason} at step {self.progress.global_step}; {'' if requeue else 'not '}"
-                    f"requeueing: {why}."
-                )
-        if crashed:
-            if requeue and self.cluster.job_id:
-                requeue_job(self.cluster.job_id)
-            return
-        requeue = bool(broadcast_object(requeue))
-        barrier()  # every rank has saved and closed its files before Slurm ends this attempt
-        if requeue and self.cluster.is_main and self.cluster.job_id:
-            requeue_job(self.cluster.job_id)
-        if result is not None:
-            result.stop_reason = self.watcher.stop_signal
-            result.requeued = requeue
+    def _plan_after_stop(self, crashed: bool) -> bool:
+        """Rank 0 records the attempt and says (in the log) whether the job will be requeued."""
+        if not self.cluster.is_main:
+            return False
+        return plan_after_stop(
+            save_dir=self.session.save_dir,
+            cluster=self.cluster,
+            slurm=self.config.slurm,
+            resume_index=self.session.decision.resume_index,
+            start_step=self.start_step,
+            stop_step=self.progress.global_step,
+            signal_name=None if crashed else self.watcher.stop_signal,
+        )
 
     def _run(self, accelerator: Any, session: ExperimentSession, training: TrainingConfig) -> TrainResult:
         raw_optimizer = build_optimizer(self.model.parameters(), training.optimizer)
