@@ -13,7 +13,9 @@ def test_single_process() -> None:
 
 
 def test_torchrun_variables() -> None:
-    env = detect({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h1"})
+    env = detect(
+        {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "h1"}
+    )
     assert (env.launcher, env.rank, env.world_size, env.local_rank, env.num_nodes) == ("torchrun", 3, 4, 1, 2)
     assert env.master_addr == "h1" and not env.is_main
 
