@@ -133,6 +133,16 @@ def begin_checkpoint(save_dir: str | os.PathLike[str], name: str) -> Path:
     return staging
 
 
+def fsync_tree(root: Path) -> None:
+    """Flush every file and directory under `root` to disk (cheap for files already flushed)."""
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    for directory in [root, *(p for p in root.rglob("*") if p.is_dir())]:
+        fsync_dir(directory)
+
+
 def commit_checkpoint(
     save_dir: str | os.PathLike[str],
     staging: Path,
@@ -144,14 +154,8 @@ def commit_checkpoint(
 ) -> Path:
     """Write trainer state and manifest into `staging`, fsync, then rename it to `save_dir/name`."""
     atomic_write_text(staging / TRAINER_STATE, json.dumps(trainer_state, indent=2, sort_keys=True))
-    files: dict[str, int] = {}
-    for path in sorted(staging.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-            files[str(path.relative_to(staging))] = path.stat().st_size
-    for directory in [staging, *(p for p in staging.rglob("*") if p.is_dir())]:
-        fsync_dir(directory)
+    fsync_tree(staging)
+    files = {str(p.relative_to(staging)): p.stat().st_size for p in sorted(staging.rglob("*")) if p.is_file()}
     manifest = Manifest(
         name=name,
         step=step,

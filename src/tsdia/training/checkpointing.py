@@ -126,6 +126,7 @@ class Checkpointer:
 
                 torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork
                 self.accelerator.save_state(str(staging), safe_serialization=True)
+                store.fsync_tree(staging)  # the slow part of durability, off the training loop too
                 code = 0
             except BaseException:
                 with open(staging.parent / f"{staging.name}.error", "w") as f:
