@@ -487,7 +487,8 @@ cmd_start() {
     ensure_packages
     ensure_hosts
 
-    if [[ $(current_signature) == "$(signature)" ]] && slurm_daemons_alive && munge_ok && nodes_ready; then
+    if [[ $(current_signature) == "$(signature)" ]] && slurm_daemons_alive && munge_ok && nodes_ready &&
+        { ((ACCOUNTING == 0)) || db_ok >/dev/null 2>&1; }; then
         log "already running: $NODES nodes x $CPUS CPUs, accounting=$ACCOUNTING ($((SECONDS - t0)) s)"
         return 0
     fi
