@@ -111,6 +111,20 @@ def claim_experiment(save_dir: str, resume: str | None, claim_token: str | None 
             resume_index=next_resume_index(root),
             note="" if latest else "no complete checkpoint yet: restarting from step 0",
         )
+    checkpoint = check_resume_checkpoint(resume)
+    created = _create(root, save_dir, exist_ok=True) or claimed_first_start
+    return Decision(
+        "resume",
+        save_dir,
+        timestamp,
+        resume_from=str(checkpoint.resolve()),
+        resume_index=next_resume_index(root),
+        created_dir=created,
+    )
+
+
+def check_resume_checkpoint(resume: str) -> Path:
+    """`checkpoint.resume` as a path: it must be a complete tsdia checkpoint."""
     checkpoint = Path(resume)
     if not checkpoint.exists():
         raise CheckpointError(
@@ -121,15 +135,7 @@ def claim_experiment(save_dir: str, resume: str | None, claim_token: str | None 
             f"checkpoint.resume: {resume} is not a complete tsdia checkpoint (no valid manifest.json). "
             "Use 'latest' to pick the newest complete one, or another checkpoint-epoch*-step* directory."
         )
-    created = _create(root, save_dir, exist_ok=True) or claimed_first_start
-    return Decision(
-        "resume",
-        save_dir,
-        timestamp,
-        resume_from=str(checkpoint.resolve()),
-        resume_index=next_resume_index(root),
-        created_dir=created,
-    )
+    return checkpoint
 
 
 def _is_empty_dir(path: Path) -> bool:

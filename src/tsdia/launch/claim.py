@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from tsdia.errors import CheckpointDirectoryExistsError, CheckpointError, ConfigError, ExperimentInUseError
-from tsdia.experiment import LOGS_DIR, OWNER_FILE, read_owner, write_owner
-from tsdia.training.checkpoint_store import read_manifest
+from tsdia.experiment import LOGS_DIR, OWNER_FILE, check_resume_checkpoint, read_owner, write_owner
 
 JobIsActive = Callable[[str], bool]
 
@@ -78,16 +77,7 @@ def check_directory(save_dir: str, resume: str | None, job_is_active: JobIsActiv
                 "config.yml). Point training.checkpoint.save_dir at an experiment, or at a new path."
             )
         return
-    checkpoint = Path(resume)
-    if not checkpoint.exists():
-        raise CheckpointError(
-            f"checkpoint.resume: {resume} does not exist. Use 'latest' or a checkpoint directory."
-        )
-    if not checkpoint.is_dir() or read_manifest(checkpoint) is None:
-        raise CheckpointError(
-            f"checkpoint.resume: {resume} is not a complete tsdia checkpoint (no valid manifest.json). "
-            "Use 'latest' to pick the newest complete one, or another checkpoint-epoch*-step* directory."
-        )
+    check_resume_checkpoint(resume)
 
 
 def claim(
