@@ -77,17 +77,9 @@ def claim_experiment(save_dir: str, resume: str | None, claim_token: str | None 
                 return Decision("fresh", save_dir, timestamp, created_dir=True, note=note)
             claimed_first_start = True  # an explicit checkpoint to start from: checked below
         else:
-            latest = latest_checkpoint(root)
-            if latest is not None or resume in (None, "latest"):
+            if resume in (None, "latest") or latest_checkpoint(root) is not None:
                 # A requeue continues from its own newest checkpoint, not from the one it started from.
-                return Decision(
-                    "resume",
-                    save_dir,
-                    timestamp,
-                    resume_from=str(latest) if latest else None,
-                    resume_index=next_resume_index(root),
-                    note=note if latest else f"{note}; no complete checkpoint yet: restarting from step 0",
-                )
+                return _resume_latest(root, timestamp, note)
     if resume is None:
         _create(root, save_dir)
         return Decision("fresh", save_dir, timestamp, created_dir=True)
@@ -102,15 +94,7 @@ def claim_experiment(save_dir: str, resume: str | None, claim_token: str | None 
                 f"checkpoint.resume: latest: {save_dir} exists but is not a tsdia experiment (no logs/ or "
                 "config.yml). Point training.checkpoint.save_dir at an experiment, or at a new path."
             )
-        latest = latest_checkpoint(root)
-        return Decision(
-            "resume",
-            save_dir,
-            timestamp,
-            resume_from=str(latest) if latest else None,
-            resume_index=next_resume_index(root),
-            note="" if latest else "no complete checkpoint yet: restarting from step 0",
-        )
+        return _resume_latest(root, timestamp, "")
     checkpoint = check_resume_checkpoint(resume)
     created = _create(root, save_dir, exist_ok=True) or claimed_first_start
     return Decision(
@@ -120,6 +104,21 @@ def claim_experiment(save_dir: str, resume: str | None, claim_token: str | None 
         resume_from=str(checkpoint.resolve()),
         resume_index=next_resume_index(root),
         created_dir=created,
+    )
+
+
+def _resume_latest(root: Path, timestamp: str, note: str) -> Decision:
+    """Resume an experiment from its newest complete checkpoint (from step 0 if it has none yet)."""
+    latest = latest_checkpoint(root)
+    if latest is None:
+        note = "; ".join(filter(None, [note, "no complete checkpoint yet: restarting from step 0"]))
+    return Decision(
+        "resume",
+        str(root),
+        timestamp,
+        resume_from=str(latest) if latest else None,
+        resume_index=next_resume_index(root),
+        note=note,
     )
 
 
