@@ -43,12 +43,20 @@ def job_id_of(done: subprocess.CompletedProcess[str]) -> str:
     raise AssertionError(f"no job id in:\n{done.stdout}\n{done.stderr}")
 
 
-def jobs_named(name: str) -> list[str]:
-    """Every job ever submitted with this name (sacct: finished ones too)."""
-    out = slurm("sacct", "-X", "-n", "-P", "-S", "now-1hour", "-o", "JobID,JobName")
-    return [
-        job for job, _, job_name in (line.partition("|") for line in out.splitlines()) if job_name == name
-    ]
+def jobs_named(name: str, timeout: float = 30) -> list[str]:
+    """Every job ever submitted with this name (sacct: finished ones too).
+
+    Accounting can lag a job by a few seconds under load: poll until the name shows up (or time runs out).
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        out = slurm("sacct", "-X", "-n", "-P", "-S", "now-1hour", "-o", "JobID,JobName")
+        jobs = [
+            job for job, _, job_name in (line.partition("|") for line in out.splitlines()) if job_name == name
+        ]
+        if jobs or time.monotonic() > deadline:
+            return jobs
+        time.sleep(1)
 
 
 def test_one_node_two_tasks_completes_and_dry_run_matches(tmp_path: Path) -> None:

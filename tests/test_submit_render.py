@@ -39,6 +39,12 @@ FULL = [
 ]
 
 
+CONTAINER = [
+    "slurm.container.image=/images/tsdia.sif",
+    'slurm.container.mounts=["/data/ami:/data:ro", "scratch", "/opt/cache:/cache:rw"]',
+]
+
+
 def render(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> str:
     """Run tsdia-submit in-process from tmp_path; return its stdout, normalized for golden files."""
     cwd = os.getcwd()
@@ -60,6 +66,10 @@ def render(tmp_path: Path, capsys: pytest.CaptureFixture[str], *args: str) -> st
         ("emit_single.sbatch", ["--emit-sbatch", "single", "training.epochs=2"]),
         ("emit_multi.sbatch", ["--emit-sbatch", "multi", *FULL]),
         ("emit_requeue.sbatch", ["--emit-sbatch", "requeue", *FULL]),
+        ("dry_run_pyxis.sbatch", ["--dry-run", *FULL, *CONTAINER, "slurm.container.runtime=pyxis"]),
+        ("dry_run_apptainer.sbatch", ["--dry-run", *FULL, *CONTAINER, "slurm.container.runtime=apptainer"]),
+        ("dry_run_podman.sbatch", ["--dry-run", *CONTAINER, "slurm.container.runtime=podman"]),
+        ("emit_pyxis.sbatch", ["--emit-sbatch", "slurm.container.image=nvcr.io#nvidia/pytorch:24.01-py3"]),
     ],
 )
 def test_rendered_scripts_match_golden(
@@ -77,7 +87,16 @@ def test_emit_sbatch_default_kind_follows_nodes(tmp_path: Path, capsys: pytest.C
 
 
 def test_scripts_are_valid_bash(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    for args in (["--dry-run", *FULL], *(["--emit-sbatch", k, *FULL] for k in ("multi", "requeue"))):
+    runtimes = (
+        [mode, *FULL, *CONTAINER, f"slurm.container.runtime={runtime}"]
+        for mode in ("--dry-run", "--emit-sbatch")
+        for runtime in ("pyxis", "apptainer", "podman")
+    )
+    for args in (
+        ["--dry-run", *FULL],
+        *(["--emit-sbatch", k, *FULL] for k in ("multi", "requeue")),
+        *runtimes,
+    ):
         script = tmp_path / "job.sh"
         script.write_text(render(tmp_path, capsys, *args))
         done = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
@@ -137,6 +156,57 @@ def test_hostile_override_reaches_the_trainer_verbatim(
     assert args[-1] == HOSTILE_OVERRIDE and not list(tmp_path.glob("PWNED*"))
 
 
+HOSTILE_IMAGE = "img$(touch${IFS}PWNED_IMAGE)`touch${IFS}PWNED_TICK`'x'"
+HOSTILE_MOUNT = "/data/$(touch PWNED_MOUNT) a'b"
+
+
+@pytest.mark.parametrize("runtime", ["pyxis", "apptainer", "podman"])
+def test_container_values_are_quoted_never_executed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], runtime: str
+) -> None:
+    work = tmp_path / "work"
+    work.mkdir()
+    text = render(
+        work,
+        capsys,
+        "--dry-run",
+        f"slurm.container.image={json.dumps(HOSTILE_IMAGE)}",
+        f"slurm.container.runtime={runtime}",
+        f"slurm.container.mounts=[{json.dumps(HOSTILE_MOUNT)}]",
+        HOSTILE_OVERRIDE,
+    )
+    (work / "exp").mkdir()
+    script = work / "job.sh"
+    script.write_text(text.replace("{TMP}", str(work)))
+    env = {**fake_srun(work), "SLURM_JOB_ID": "7"}
+    done = subprocess.run(["bash", str(script)], cwd=work, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert not list(work.glob("PWNED*")), f"a config value was executed:\n{done.stdout}{done.stderr}"
+    args = (work / "srun.args").read_text().splitlines()
+    assert args[-1] == HOSTILE_OVERRIDE
+    assert f"{HOSTILE_MOUNT}:{HOSTILE_MOUNT}" in "\n".join(args)
+    assert HOSTILE_IMAGE in args or f"--container-image={HOSTILE_IMAGE}" in args
+    train = args.index("tsdia-train")
+    assert args[train + 1] == str(work / "exp" / "slurm" / "config-XXXXXXXX.yml")
+
+
+def test_container_paths_that_mount_lists_cannot_carry_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for save_dir in (tmp_path / "a,b", tmp_path / "a:b"):
+        code = main(
+            [str(EXAMPLE), f"training.checkpoint.save_dir={save_dir}", "slurm.container.image=x", "--dry-run"]
+        )
+        out, err = capsys.readouterr()
+        assert code == 2 and not out and "slurm.container.image" in err and "':' or ','" in err, err
+    # A newline inside a mount (from a config file; on the command line any newline is refused first).
+    config = tmp_path / "c.yml"
+    config.write_text(EXAMPLE.read_text() + 'slurm:\n  container:\n    image: x\n    mounts: ["/a\\nb:/d"]\n')
+    code = main([str(config), f"training.checkpoint.save_dir={tmp_path / 'exp'}", "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 2 and not out and "slurm.container.mounts[0]" in err and "c.yml:" in err, err
+
+
 @pytest.mark.parametrize(
     ("override", "key"),
     [
@@ -154,13 +224,21 @@ def test_hostile_override_reaches_the_trainer_verbatim(
         ('slurm.sbatch_extra={"bad key": x}', "slurm.sbatch_extra.bad key"),
         ('slurm.sbatch_extra={mail-type: "END\\n#SBATCH --x"}', "slurm.sbatch_extra.mail-type"),
         ("slurm.signal_lead_s=600", "slurm.signal_lead_s"),
-        ("slurm.container.image=foo.sif", "slurm.container.image"),
+        ('slurm.container.image="foo.sif\nrm -rf ~"', "slurm.container.image"),
+        ('slurm.container.image="a b.sif"', "slurm.container.image"),
+        ("slurm.container.image=--privileged", "slurm.container.image"),
+        ('slurm.container.mounts=["/data,/etc:/etc"]', "slurm.container.mounts[0]"),
+        ('slurm.container.mounts=["/data:relative"]', "slurm.container.mounts[0]"),
+        ('slurm.container.mounts=["/data:/data:rx"]', "slurm.container.mounts[0]"),
+        ('slurm.container.mounts=["/a:/b:ro:x"]', "slurm.container.mounts[0]"),
     ],
 )
 def test_invalid_sbatch_values_are_refused(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], override: str, key: str
 ) -> None:
     extra = ['slurm.time="10"'] if "signal_lead_s" in override else []
+    if "container.mounts" in override:
+        extra.append("slurm.container.image=img.sif")
     for mode in ("--dry-run", "--emit-sbatch"):
         code = main(
             [str(EXAMPLE), f"training.checkpoint.save_dir={tmp_path / 'exp'}", override, *extra, mode]
@@ -197,6 +275,7 @@ from tsdia.launch.submit import main
 from submitit import LocalExecutor, SlurmExecutor
 args = [{str(EXAMPLE)!r}, "training.checkpoint.save_dir={tmp_path / "exp"}"]
 assert main([*args, "--dry-run"]) == 0 and main([*args, "--emit-sbatch", "requeue"]) == 0
+assert main([*args, "slurm.container.image=img", "--dry-run"]) == 0
 heavy = sorted(m for m in ("torch", "accelerate", "deepspeed", "wandb", "tensorboard") if m in sys.modules)
 print("HEAVY", heavy, file=sys.stderr)
 """

@@ -158,7 +158,8 @@ class ContainerConfig:
     image: str | None = option(None, "Container image to run the job in (null: no container).")
     runtime: Literal["pyxis", "apptainer", "podman"] = option("pyxis", "pyxis (srun), apptainer or podman.")
     mounts: list[str] = option(
-        [], "Extra `host:container` mounts; the experiment directory is always mounted."
+        [],
+        "Extra `HOST[:CONTAINER[:ro|rw]]` mounts; the working and experiment directories are always mounted.",
     )
 
 

@@ -31,6 +31,7 @@ _NAME_LIST = re.compile(r"[A-Za-z0-9_.+@:-]+(,[A-Za-z0-9_.+@:-]+)*")
 _CONSTRAINT = re.compile(r"[A-Za-z0-9_.+@:&|,*!\[\]()-]+")
 _OPTION_KEY = re.compile(r"[a-z][a-z0-9-]*")
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # every control character but tab
+_MOUNT_BAD = re.compile(r"[:,\x00-\x1f\x7f]")  # what no runtime's mount list can carry in a path
 
 # sbatch options that tsdia sets itself: an `sbatch_extra` entry for them says which key to use instead.
 RESERVED_OPTIONS = {
@@ -59,6 +60,27 @@ RESERVED_OPTIONS = {
 
 
 @dataclass(frozen=True)
+class Mount:
+    """One bind mount: `source` on the node appears at `target` in the container."""
+
+    source: str  # absolute
+    target: str  # absolute
+    mode: str | None = None  # "ro", "rw" or None (the runtime's default: read-write)
+
+    def spec(self) -> str:
+        return ":".join(filter(None, (self.source, self.target, self.mode)))
+
+
+@dataclass(frozen=True)
+class ContainerSpec:
+    """`slurm.container`, checked: every task of the job runs `tsdia-train` inside `image`."""
+
+    image: str
+    runtime: str  # pyxis, apptainer or podman
+    mounts: tuple[Mount, ...] = ()  # the extra mounts of slurm.container.mounts (absolute paths)
+
+
+@dataclass(frozen=True)
 class SlurmResources:
     """What one tsdia job asks Slurm for, resolved from the config (defaults applied, values checked)."""
 
@@ -79,6 +101,7 @@ class SlurmResources:
     constraint: str | None = None
     setup: tuple[str, ...] = ()
     extra: dict[str, str | bool] = field(default_factory=dict)  # sbatch option -> value (True: a bare flag)
+    container: ContainerSpec | None = None  # slurm.container, when an image is set
 
     @property
     def num_tasks(self) -> int:
@@ -152,12 +175,7 @@ def resolve(config: Config) -> SlurmResources:
         elif line.strip():
             setup.append(line)
     extra = _check_extra(slurm.sbatch_extra, bad)
-    if config.slurm.container.image is not None:
-        bad(
-            "container.image",
-            "containers are not launched by tsdia-submit yet; put the container command in slurm.setup, "
-            "or remove the image.",
-        )
+    container = check_container(config, save_dir, bad)
     if errors:
         raise ConfigError("invalid slurm settings:\n  " + "\n  ".join(errors))
     assert time_s is not None
@@ -180,7 +198,56 @@ def resolve(config: Config) -> SlurmResources:
         constraint=slurm.constraint,
         setup=tuple(setup),
         extra=extra,
+        container=container,
     )
+
+
+def check_container(config: Config, save_dir: str, bad: Callable[[str, str], None]) -> ContainerSpec | None:
+    """`slurm.container` -> a `ContainerSpec` (None without an image). Paths that the runtimes' mount syntax
+    cannot carry (`:` separates source, target and mode; pyxis and Apptainer join mounts with `,`) are
+    refused, as are images and paths that would not stay one word on one line."""
+    container = config.slurm.container
+    if container.image is None:
+        return None
+    image = container.image
+    if not image.strip() or _CONTROL.search(image) or re.search(r"\s", image) or image.startswith("-"):
+        bad(
+            "container.image",
+            f"got {image!r}; expected one image reference without spaces or control characters, e.g. "
+            "nvcr.io#nvidia/pytorch:24.01-py3 (pyxis), /images/tsdia.sif (apptainer), localhost/tsdia:cpu (podman).",
+        )
+    for what, path in (("training.checkpoint.save_dir", save_dir), ("the working directory", os.getcwd())):
+        if _MOUNT_BAD.search(path):
+            bad(
+                "container.image",
+                f"{what} {path!r} is mounted into the container, and a path with ':' or ',' cannot be "
+                "written in a mount list. Choose a path without them.",
+            )
+    mounts: list[Mount] = []
+    for index, raw in enumerate(container.mounts):
+        mount = _parse_mount(raw)
+        if isinstance(mount, str):
+            bad(f"container.mounts[{index}]", f"got {raw!r}: {mount}")
+        else:
+            mounts.append(mount)
+    return ContainerSpec(image=image, runtime=container.runtime, mounts=tuple(mounts))
+
+
+def _parse_mount(raw: str) -> Mount | str:
+    """`HOST`, `HOST:CONTAINER` or `HOST:CONTAINER:ro|rw` -> a Mount, or why it is not one."""
+    if _CONTROL.search(raw) or "," in raw:
+        return "a mount must be one line without ',' (pyxis and Apptainer separate mounts with commas)."
+    parts = raw.split(":")
+    if len(parts) > 3 or not all(parts):
+        return "expected HOST, HOST:CONTAINER or HOST:CONTAINER:ro|rw (no ':' inside a path)."
+    mode = parts[2] if len(parts) == 3 else None
+    if mode not in (None, "ro", "rw"):
+        return f"unknown mount mode {mode!r}; use ro or rw."
+    target = parts[1] if len(parts) > 1 else None
+    if target is not None and not target.startswith("/"):
+        return f"the container path {target!r} must be absolute."
+    source = os.path.abspath(parts[0])  # relative to where tsdia-submit runs, as the job's --chdir
+    return Mount(source, target or source, mode)
 
 
 def check_line(what: str, value: str) -> None:

@@ -105,13 +105,7 @@ def render_template(
             "on one node. Use --emit-sbatch multi (or requeue), or set slurm.nodes=1."
         )
     path = templates_dir() / f"{kind}.sbatch"
-    try:
-        template = path.read_text()
-    except OSError as err:
-        raise ConfigError(
-            f"--emit-sbatch: cannot read the template {path}: {err.strerror}. The templates live in the tsdia "
-            f"checkout's slurm/templates/; set {TEMPLATES_ENV} to a directory holding them."
-        ) from None
+    template = read_template(path)
     train = [python, "-m", "tsdia.train", os.path.abspath(config_path), *overrides]
     values = {
         "sbatch_options": "\n".join(_template_options(kind, res, cwd)),
@@ -122,6 +116,16 @@ def render_template(
     return fill(template, values, str(path))
 
 
+def read_template(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError as err:
+        raise ConfigError(
+            f"cannot read the sbatch template {path}: {err.strerror}. The templates live in the tsdia "
+            f"checkout's slurm/templates/; set {TEMPLATES_ENV} to a directory holding them."
+        ) from None
+
+
 def fill(template: str, values: dict[str, str], name: str = "template") -> str:
     """Replace every `{{ key }}`; a placeholder without a value is an error, never left in the script."""
     missing = sorted({m.group(1) for m in _PLACEHOLDER.finditer(template)} - set(values))
@@ -130,7 +134,8 @@ def fill(template: str, values: dict[str, str], name: str = "template") -> str:
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
 
 
-def _template_options(kind: str, res: SlurmResources, cwd: str) -> list[str]:
+def resource_options(res: SlurmResources) -> list[tuple[str, str | bool | int]]:
+    """The resource requests of a plain sbatch script (name, shape, limits), in template order."""
     options: list[tuple[str, str | bool | int]] = [
         ("job-name", res.job_name),
         ("nodes", res.nodes),
@@ -144,8 +149,13 @@ def _template_options(kind: str, res: SlurmResources, cwd: str) -> list[str]:
         value = getattr(res, key)
         if value is not None:
             options.append((key, value))
+    options.append(("time", res.time))
+    return options
+
+
+def _template_options(kind: str, res: SlurmResources, cwd: str) -> list[str]:
+    options = resource_options(res)
     options += [
-        ("time", res.time),
         ("chdir", cwd),
         # Relative to --chdir: the experiment directory does not exist before the job starts.
         ("output", "%x-%j.out"),

@@ -6,6 +6,9 @@
         --local                                   run the same job on this machine, without Slurm
         --emit-sbatch [single|multi|requeue]      print a plain sbatch script (slurm/templates/) for `sbatch`
 
+With `slurm.container.image` set, the job is a plain sbatch script that runs each task in the image
+(`tsdia.launch.container`); the claim, the messages and `--wait` are the same.
+
 Submitting never imports torch (or accelerate, deepspeed, wandb): the job does, on the cluster.
 """
 
@@ -16,6 +19,7 @@ import io
 import os
 import shutil
 import socket
+import subprocess
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,7 +30,7 @@ from tsdia.config.schema import Config
 from tsdia.errors import EXIT_USAGE, TsdiaError
 from tsdia.fileio import atomic_write_text
 from tsdia.launch import claim as claims
-from tsdia.launch import sbatch
+from tsdia.launch import container, sbatch
 from tsdia.launch.job import TrainJob
 from tsdia.launch.resources import SlurmResources, check_line, resolve
 from tsdia.launch.slurm_state import is_job_active, wait_for_job
@@ -85,11 +89,27 @@ def run(argv: Sequence[str]) -> int:
         kind = args.emit_sbatch
         if kind == "auto":
             kind = "single" if res.nodes == 1 else "multi"
-        print(sbatch.render_template(kind, res, args.config, args.overrides, cwd), end="")
+        if res.container is not None and kind in sbatch.TEMPLATE_KINDS:
+            # One script for every kind: a container job is always signal- and requeue-aware.
+            text = container.render_script(res, res.container, cwd, args.config, args.overrides, None)
+        else:
+            text = sbatch.render_template(kind, res, args.config, args.overrides, cwd)
+        print(text, end="")
         return 0
     resume = config.training.checkpoint.resume
     if args.dry_run:
         claims.check_directory(res.save_dir, resume, is_job_active if _have_slurm() else None)
+        if res.container is not None:
+            token = container.DRY_RUN_TOKEN
+            snapshot = _snapshot_path(res, token)
+            print(container.render_script(res, res.container, cwd, snapshot, args.overrides, token), end="")
+            _say(
+                f"{PROG}: dry run: nothing was written or submitted. A real submit claims {res.save_dir}, "
+                f"copies the config to {snapshot} and submits this script with sbatch; {'X' * 8}... stands "
+                f"for the claim token it makes. Each task ({_shape(res)}) runs tsdia-train in the image "
+                f"{res.container.image} ({res.container.runtime}); Slurm logs go to {res.folder}/."
+            )
+            return 0
         print(sbatch.render_submitit_script(res, cwd), end="")
         train = " ".join(TrainJob(os.path.abspath(args.config), tuple(args.overrides)).argv())
         _say(
@@ -100,18 +120,15 @@ def run(argv: Sequence[str]) -> int:
         return 0
     if args.local:
         return submit_local(config, res, args.config, args.overrides)
+    if res.container is not None:
+        return submit_container(config, res, args.config, args.overrides, cwd, wait=args.wait)
     return submit_slurm(config, res, args.config, args.overrides, cwd, wait=args.wait)
 
 
 def submit_slurm(
     config: Config, res: SlurmResources, config_path: str, overrides: Sequence[str], cwd: str, wait: bool
 ) -> int:
-    if not _have_slurm():
-        raise SubmitError(
-            "sbatch/srun not found: this machine is not a Slurm submit host. HINT: run it here with "
-            f"{PROG} --local, print a script with --emit-sbatch, or start a local cluster with "
-            "slurm/dev-cluster.sh start."
-        )
+    _require_slurm()
     from submitit import SlurmExecutor
     from submitit.core.utils import FailedJobError
 
@@ -136,14 +153,60 @@ def submit_slurm(
         raise
     _record(claim, job.job_id)
     _print_submitted(res, job.job_id)
-    if not wait:
-        return 0
+    return _follow(res, job.job_id) if wait else 0
+
+
+def submit_container(
+    config: Config, res: SlurmResources, config_path: str, overrides: Sequence[str], cwd: str, wait: bool
+) -> int:
+    """A container job: the same claim, snapshot, messages and --wait as `submit_slurm`, but the script is
+    `slurm/templates/container.sbatch` (see `tsdia.launch.container`), submitted with `sbatch --parsable`."""
+    _require_slurm()
+    assert res.container is not None
+    claim = claims.claim(
+        res.save_dir, config.training.checkpoint.resume, config_path, overrides, "slurm", is_job_active
+    )
     try:
-        state, exit_code = wait_for_job(job.job_id, on_change=lambda s: _say(f"job {job.job_id}: {s}"))
+        snapshot = _snapshot(config, res, claim.token)
+        script = container.render_script(res, res.container, cwd, snapshot, overrides, claim.token)
+        job_id = _sbatch(script, Path(res.folder), claim.token, cwd)
+    except BaseException:
+        claim.release()
+        raise
+    _record(claim, job_id)
+    _print_submitted(res, job_id)
+    return _follow(res, job_id) if wait else 0
+
+
+def _sbatch(script: str, folder: Path, token: str, cwd: str) -> str:
+    """Submit `script` with `sbatch --parsable`; keep it as `<folder>/<jobid>_submission.sh`."""
+    path = folder / f"submission-{token[:8]}.sh"
+    atomic_write_text(path, script)
+    try:
+        done = subprocess.run(
+            ["sbatch", "--parsable", str(path)], cwd=cwd, capture_output=True, text=True, timeout=120
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise SubmitError(f"sbatch failed: {err}; nothing was queued") from None
+    job_id = done.stdout.strip().split(";")[0]
+    if done.returncode != 0 or not job_id:
+        path.unlink(missing_ok=True)
+        raise SubmitError(
+            "sbatch refused the job; nothing was queued and the experiment directory was released:\n"
+            + (done.stderr.strip() or done.stdout.strip())
+        )
+    path.replace(folder / f"{job_id}_submission.sh")
+    return job_id
+
+
+def _follow(res: SlurmResources, job_id: str) -> int:
+    """`--wait`: block until the job ends for good (requeues included) and report its outcome."""
+    try:
+        state, exit_code = wait_for_job(job_id, on_change=lambda s: _say(f"job {job_id}: {s}"))
     except KeyboardInterrupt:
-        _say(f"stopped waiting; job {job.job_id} goes on (scancel {job.job_id} stops it)")
+        _say(f"stopped waiting; job {job_id} goes on (scancel {job_id} stops it)")
         return 130
-    return _report(res, job.job_id, state == "COMPLETED", f"{state}, exit code {exit_code or '?'}")
+    return _report(res, job_id, state == "COMPLETED", f"{state}, exit code {exit_code or '?'}")
 
 
 def submit_local(config: Config, res: SlurmResources, config_path: str, overrides: Sequence[str]) -> int:
@@ -163,6 +226,11 @@ def submit_local(config: Config, res: SlurmResources, config_path: str, override
         raise
     _record(claim, job.job_id)
     _say(f"Running locally (no Slurm): {res.num_tasks} process(es), job {job.job_id}")
+    if res.container is not None:
+        _say(
+            "  note: --local runs on this machine's Python, not in slurm.container.image "
+            "(docker/run.sh runs the image locally)"
+        )
     if res.setup:
         _say("  note: slurm.setup is for the cluster's batch shell and is not run by --local")
     _print_paths(res, job.job_id)
@@ -181,11 +249,14 @@ def submit_local(config: Config, res: SlurmResources, config_path: str, override
 def _snapshot(config: Config, res: SlurmResources, token: str) -> str:
     """The config as submitted, kept in the experiment: the job (and every requeue) reads this copy, so
     editing the original while the job waits in the queue changes nothing."""
-    folder = Path(res.folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"config-{token[:8]}.yml"
+    path = Path(_snapshot_path(res, token))
+    path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, config.source.text)
     return str(path)
+
+
+def _snapshot_path(res: SlurmResources, token: str) -> str:
+    return os.path.join(res.folder, f"config-{token[:8]}.yml")
 
 
 def _record(claim: claims.Claim, job_id: str) -> None:
@@ -227,6 +298,15 @@ def _shape(res: SlurmResources) -> str:
     node = "node" if res.nodes == 1 else "nodes"
     task = "task" if res.tasks_per_node == 1 else "tasks"
     return f"{res.nodes} {node} x {res.tasks_per_node} {task}"
+
+
+def _require_slurm() -> None:
+    if not _have_slurm():
+        raise SubmitError(
+            "sbatch/srun not found: this machine is not a Slurm submit host. HINT: run it here with "
+            f"{PROG} --local, print a script with --emit-sbatch, or start a local cluster with "
+            "slurm/dev-cluster.sh start."
+        )
 
 
 def _have_slurm() -> bool:
