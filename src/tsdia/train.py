@@ -5,7 +5,8 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from tsdia.errors import EXIT_REQUEUED, EXIT_STOPPED, EXIT_USAGE, TsdiaError
+from tsdia.cli import run_cli
+from tsdia.errors import EXIT_REQUEUED, EXIT_STOPPED
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -40,14 +41,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: user errors print one clear message and exit 2 (traceback with --debug)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(argv)
-    except TsdiaError as err:
-        if "--debug" in argv:
-            raise
-        print(f"tsdia-train: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
+    return run_cli("tsdia-train", run, argv)
 
 
 if __name__ == "__main__":

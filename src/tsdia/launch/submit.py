@@ -25,9 +25,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from tsdia.cli import EXIT_INTERRUPTED, run_cli
 from tsdia.config.loader import load_config
 from tsdia.config.schema import Config
-from tsdia.errors import EXIT_USAGE, TsdiaError
+from tsdia.errors import TsdiaError
 from tsdia.fileio import atomic_write_text
 from tsdia.launch import claim as claims
 from tsdia.launch import container, sbatch
@@ -205,7 +206,7 @@ def _follow(res: SlurmResources, job_id: str) -> int:
         state, exit_code = wait_for_job(job_id, on_change=lambda s: _say(f"job {job_id}: {s}"))
     except KeyboardInterrupt:
         _say(f"stopped waiting; job {job_id} goes on (scancel {job_id} stops it)")
-        return 130
+        return EXIT_INTERRUPTED
     return _report(res, job_id, state == "COMPLETED", f"{state}, exit code {exit_code or '?'}")
 
 
@@ -240,7 +241,7 @@ def submit_local(config: Config, res: SlurmResources, config_path: str, override
     except KeyboardInterrupt:
         job.cancel(check=False)
         _say(f"interrupted: stopped the local job {job.job_id}")
-        return 130
+        return EXIT_INTERRUPTED
     except Exception as err:  # the job's own error, re-raised by submitit with its traceback
         ok, detail = False, f"failed:\n{err}"
     return _report(res, job.job_id, ok, detail, tail_logs=False)
@@ -325,17 +326,7 @@ def _say(message: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: user errors print one clear message and exit 2 (traceback with --debug)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    try:
-        return run(argv)
-    except TsdiaError as err:
-        if "--debug" in argv:
-            raise
-        print(f"{PROG}: error: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+    return run_cli(PROG, run, argv)
 
 
 if __name__ == "__main__":
