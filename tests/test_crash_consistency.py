@@ -162,10 +162,15 @@ def test_disk_full_during_a_checkpoint(tmp_path: Path) -> None:
     assert latest >= 3
     assert not list((save_dir / store.STORE_DIR).glob(".incomplete-*"))
     resumed = run_train(
-        tmp_path, *KILL_ARGS, f"training.checkpoint.save_dir={save_dir}", "training.checkpoint.resume=latest"
+        tmp_path,
+        *KILL_ARGS,
+        f"training.checkpoint.save_dir={save_dir}",
+        "training.checkpoint.resume=latest",
+        f"training.max_steps={latest + 2}",  # space is back: it saves again
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"checkpoint-epoch0-step{latest}" in resumed.stdout
+    assert assert_consistent(save_dir) == latest + 2
 
 
 def hostile_config(tmp_path: Path, text: str) -> str:
