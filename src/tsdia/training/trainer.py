@@ -38,7 +38,7 @@ class TrainResult:
     best_checkpoint: str | None
     val_metrics: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
-    stop_reason: str | None = None  # why it stopped early: preemption, time limit, stop request
+    stop_reason: str | None = None  # the signal that stopped it early (e.g. SIGUSR2)
     requeued: bool = False  # the Slurm job was put back in the queue and will resume by itself
 
 
@@ -187,10 +187,10 @@ class Trainer:
     def _loop(
         self, model: Any, optimizer: Any, train_dl: Any, val_dl: Any, scheduler: Any, total_steps: int
     ) -> TrainResult:
+        """Epochs until the end (or a stop signal), then the final validation and checkpoint."""
         accelerator, trackers, training = self.accelerator, self.trackers, self.config.training
         checkpoint_cfg = training.checkpoint
         progress = self.progress
-        last_saved: str | None = None
         val_metrics: dict[str, float] = {}
         bar = tqdm(
             total=total_steps,
@@ -199,63 +199,20 @@ class Trainer:
             desc="train",
             dynamic_ncols=True,
         )
-        loss_sum = torch.zeros((), device=accelerator.device)
-        loss_count = 0
-        window_loss = torch.zeros((), device=accelerator.device)
+        self._loss_sum = torch.zeros((), device=accelerator.device)  # since the last log line
+        self._loss_count = 0
         stopped_early = False
         model.train()
         while progress.epoch < training.epochs and progress.global_step < total_steps:
             epoch = progress.epoch
-            if progress.batches_in_epoch >= len(train_dl):
-                self._end_epoch(val_dl, epoch, trackers)
-                continue
-            train_dl.set_epoch(epoch)
-            batches = train_dl
-            if progress.batches_in_epoch:
-                batches = accelerator.skip_first_batches(train_dl, progress.batches_in_epoch)
-            for batch in batches:
-                with accelerator.accumulate(model):
-                    loss = _loss_of(model(batch))
-                    accelerator.backward(loss)
-                    if accelerator.sync_gradients and training.max_grad_norm is not None:
-                        accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm)
-                    optimizer.step()
-                    optimizer.zero_grad()
-                progress.batches_in_epoch += 1
-                window_loss += loss.detach()
-                if not accelerator.sync_gradients:
-                    continue
-                micro = (progress.batches_in_epoch - 1) % training.gradient_accumulation_steps + 1
-                loss_sum += window_loss / micro
-                loss_count += 1
-                window_loss.zero_()
-                scheduler.step()
-                progress.global_step += 1
-                bar.update(1)
-                step = progress.global_step
-                if step % training.logging.interval == 0 or step == total_steps:
-                    mean_loss = accelerator.reduce(loss_sum / max(loss_count, 1), "mean").item()
-                    lr = float(scheduler.get_last_lr()[0])
-                    trackers.log({"train_loss": mean_loss, "lr": lr, "epoch": epoch}, step)
-                    bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-                    loss_sum.zero_()
-                    loss_count = 0
-                epoch_done = progress.batches_in_epoch >= len(train_dl)
-                at_interval = checkpoint_cfg.interval is not None and step % checkpoint_cfg.interval == 0
-                # At an epoch's end the post-validation checkpoint covers this step.
-                if at_interval and not (epoch_done and self._validates_at(epoch)) and step < total_steps:
-                    last_saved = self.save_checkpoint({})
-                if step >= total_steps:
+            if progress.batches_in_epoch < len(train_dl):  # (a resume may land exactly at an epoch's end)
+                stopped_early = self._train_epoch(model, optimizer, train_dl, scheduler, bar, total_steps)
+                if stopped_early:
                     break
-                if self.watcher.should_stop(step):
-                    stopped_early = True
-                    break
-            if stopped_early:
-                break
             if progress.batches_in_epoch >= len(train_dl):
                 val_metrics = self._end_epoch(val_dl, epoch, trackers) or val_metrics
                 if self._validates_at(epoch) and checkpoint_cfg.save_on_validation:
-                    last_saved = self.save_checkpoint(val_metrics)
+                    self.save_checkpoint(val_metrics)
         bar.close()
         if not stopped_early:
             if progress.last_val_step != progress.global_step:
@@ -274,6 +231,56 @@ class Trainer:
             val_metrics=val_metrics,
             stopped_early=stopped_early,
         )
+
+    def _train_epoch(
+        self, model: Any, optimizer: Any, train_dl: Any, scheduler: Any, bar: Any, total_steps: int
+    ) -> bool:
+        """Train the rest of the current epoch; True if a stop signal ended it early."""
+        accelerator, training, progress = self.accelerator, self.config.training, self.progress
+        checkpoint_cfg = training.checkpoint
+        epoch = progress.epoch
+        train_dl.set_epoch(epoch)
+        batches = train_dl
+        if progress.batches_in_epoch:
+            batches = accelerator.skip_first_batches(train_dl, progress.batches_in_epoch)
+        window_loss = torch.zeros((), device=accelerator.device)  # over one optimizer step's micro-batches
+        for batch in batches:
+            with accelerator.accumulate(model):
+                loss = _loss_of(model(batch))
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and training.max_grad_norm is not None:
+                    accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            progress.batches_in_epoch += 1
+            window_loss += loss.detach()
+            if not accelerator.sync_gradients:
+                continue
+            micro = (progress.batches_in_epoch - 1) % training.gradient_accumulation_steps + 1
+            self._loss_sum += window_loss / micro
+            self._loss_count += 1
+            window_loss.zero_()
+            scheduler.step()
+            progress.global_step += 1
+            bar.update(1)
+            step = progress.global_step
+            if step % training.logging.interval == 0 or step == total_steps:
+                mean_loss = accelerator.reduce(self._loss_sum / max(self._loss_count, 1), "mean").item()
+                lr = float(scheduler.get_last_lr()[0])
+                self.trackers.log({"train_loss": mean_loss, "lr": lr, "epoch": epoch}, step)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+                self._loss_sum.zero_()
+                self._loss_count = 0
+            epoch_done = progress.batches_in_epoch >= len(train_dl)
+            at_interval = checkpoint_cfg.interval is not None and step % checkpoint_cfg.interval == 0
+            # At an epoch's end the post-validation checkpoint covers this step.
+            if at_interval and not (epoch_done and self._validates_at(epoch)) and step < total_steps:
+                self.save_checkpoint({})
+            if step >= total_steps:
+                return False
+            if self.watcher.should_stop(step):
+                return True
+        return False
 
     def _val_loaders(self) -> list[DataLoader[Any]]:
         return [self.val_dataloader] if self.val_dataloader is not None else []
