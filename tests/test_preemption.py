@@ -106,3 +106,30 @@ def test_ranks_agree_on_the_stop_step(tmp_path: Path) -> None:
     assert (save_dir / "checkpoint-epoch0-step3" / "manifest.json").exists()
     state = json.loads((save_dir / "checkpoint-epoch0-step3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3
+
+
+@pytest.mark.slow
+def test_stop_on_an_epochs_last_step_validates_that_epoch_on_resume(tmp_path: Path) -> None:
+    """Stopped after step 8 = the last batch of epoch 0, before its validation: the resumed run validates
+    epoch 0 first, then trains on, and still ends bitwise equal to an uninterrupted run."""
+    common = [*SMALL, "model.target=crashy:SelfSignalingModel", "training.logging.wandb=false"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    env = plugin_env(tmp_path)
+    assert run_train(tmp_path, *common, f"training.checkpoint.save_dir={full}", env=env).returncode == 0
+    stop = run_train(
+        tmp_path, *common, f"training.checkpoint.save_dir={part}", "model.signal_at_call=8", env=env
+    )
+    assert stop.returncode == EXIT_STOPPED, stop.stderr[-2000:]
+    assert "Validation at step 8" not in stop.stdout
+    resumed = run_train(
+        tmp_path,
+        *common,
+        f"training.checkpoint.save_dir={part}",
+        "training.checkpoint.resume=latest",
+        env=env,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "Validation at step 8 (epoch 0)" in resumed.stdout
+    a = load_file(str(full / "checkpoint-epoch1-step16" / "model.safetensors"))
+    b = load_file(str(part / "checkpoint-epoch1-step16" / "model.safetensors"))
+    assert all(a[k].equal(b[k]) for k in a)

@@ -274,7 +274,8 @@ class Trainer:
             epoch_done = progress.batches_in_epoch >= len(train_dl)
             at_interval = checkpoint_cfg.interval is not None and step % checkpoint_cfg.interval == 0
             # At an epoch's end the post-validation checkpoint covers this step.
-            if at_interval and not (epoch_done and self._validates_at(epoch)) and step < total_steps:
+            covered = epoch_done and self._validates_at(epoch) and checkpoint_cfg.save_on_validation
+            if at_interval and not covered and step < total_steps:
                 self.save_checkpoint({})
             if step >= total_steps:
                 return False
