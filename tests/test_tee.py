@@ -39,6 +39,8 @@ def collapse(parts: list[bytes], interval: float = 30.0) -> bytes:
         ([b"windows\r\n"], b"windows\n"),
         ([b"no newline at exit"], b"no newline at exit\n"),
         ([b"\n\n"], b"\n\n"),
+        ([b"a\nb", b"c\n\rbar 1\rbar 2\n", b"x\ny\n"], b"a\nbc\nbar 2\nx\ny\n"),  # fast path and back
+        ([b"\rbar 1", b"\n", b"x\n"], b"bar 1\nx\n"),
     ],
 )
 def test_collapser(parts: list[bytes], expected: bytes) -> None:
