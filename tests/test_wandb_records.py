@@ -53,6 +53,7 @@ def test_nested_config_round_trips(wandb_dir: Path) -> None:
     run = _init(wandb_dir, config=config)
     run.config.update({"data": {"paths": ["/x", "/y"], "sr": 16000}})
     run.finish()
+    wandb.teardown()  # wait for wandb-core to write everything before reading
 
     (result,) = find_runs(wandb_dir)
     assert result.config == {**config, "data": {"paths": ["/x", "/y"], "sr": 16000}}
@@ -66,6 +67,7 @@ def test_history_rows_at_logged_steps(wandb_dir: Path) -> None:
     run.log({"val_loss": 0.25, "metrics": {"der": 0.1}}, step=10)
     run.summary["best_val_loss"] = 0.25
     run.finish()
+    wandb.teardown()  # wait for wandb-core to write everything before reading
 
     result = read_run(next(wandb_dir.glob("offline-run-*")))
     assert [row["_step"] for row in result.history] == [0, 5, 10]
@@ -116,6 +118,7 @@ def test_large_record_spans_blocks_and_torn_tail_is_ignored(wandb_dir: Path, tmp
     run.log({"blob": "x" * 100_000})  # > 3 LevelDB blocks of 32 KiB: FIRST/MIDDLE/LAST chunks
     run.log({"loss": 1.0})
     run.finish()
+    wandb.teardown()  # wait for wandb-core to write everything before reading
 
     result: WandbRun = find_runs(wandb_dir)[0]
     assert len(result.history[0]["blob"]) == 100_000
