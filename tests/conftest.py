@@ -27,7 +27,9 @@ SMALL = [
 def quiet_env(tmp_path: Path) -> dict[str, str]:
     """The environment of a child run: wandb offline, caches inside the test's tmp dir."""
     env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RANK", "WORLD_SIZE", "SLURM_"))
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("WANDB_", "RANK", "WORLD_SIZE", "SLURM_", "TSDIA_CLAIM_TOKEN"))
     }
     env.update(
         WANDB_MODE="offline",

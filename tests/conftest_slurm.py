@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import quiet_env
+
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "configs" / "example.yml"
 DEV_CLUSTER = REPO / "slurm" / "dev-cluster.sh"
@@ -28,18 +30,8 @@ TINY = [
 
 
 def submit_env(tmp_path: Path) -> dict[str, str]:
-    """The environment of tsdia-submit (and, through sbatch's --export=ALL, of the job)."""
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "RANK", "WORLD_SIZE", "SLURM_"))
-    }
-    env.update(
-        WANDB_MODE="offline",
-        WANDB_DIR=str(tmp_path / ".wandb"),
-        PYTHONUNBUFFERED="1",
-        OMP_NUM_THREADS="1",
-    )
-    env.pop("TSDIA_CLAIM_TOKEN", None)
-    return env
+    """The environment of tsdia-submit (and, through sbatch's --export=ALL, of the job): a test child's."""
+    return quiet_env(tmp_path)
 
 
 def run_submit(
