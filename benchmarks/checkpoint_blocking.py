@@ -22,7 +22,7 @@ import torch
 from accelerate import Accelerator
 
 from tsdia.config.schema import CheckpointConfig
-from tsdia.training.checkpointing import Checkpointer
+from tsdia.training.checkpointer import Checkpointer
 
 
 def build(params_m: int) -> torch.nn.Module:
@@ -75,7 +75,7 @@ def main() -> None:
                     blocked[mode].append(took)
                 print(f"round {round_} {mode:5s} save blocked the loop {took:.3f} s", flush=True)
         for checkpointer in checkpointers.values():
-            checkpointer.wait()
+            checkpointer.commit_pending()
         size = sum(
             f.stat().st_size for f in next((root / "sync").glob("checkpoint-*")).rglob("*") if f.is_file()
         )

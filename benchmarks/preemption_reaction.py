@@ -97,7 +97,7 @@ def tsdia_run(args: argparse.Namespace, tmp: Path, index: int) -> dict[str, floa
     text = log.read_text(errors="replace")
     if code != EXIT_STOPPED:
         sys.exit(f"tsdia exited {code}, expected {EXIT_STOPPED} (stopped and saved):\n{text[-4000:]}")
-    from tsdia.training.checkpoint_store import latest_checkpoint, read_manifest
+    from tsdia.experiment.checkpoints import latest_checkpoint, read_manifest
 
     latest = latest_checkpoint(save_dir)
     manifest = read_manifest(latest) if latest else None

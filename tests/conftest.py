@@ -43,6 +43,13 @@ def quiet_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def with_plugins(env: dict[str, str]) -> dict[str, str]:
+    """`env` with tests/plugins importable (kept in front of any PYTHONPATH already there)."""
+    paths = [str(REPO / "tests" / "plugins"), env.get("PYTHONPATH", "")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    return env
+
+
 def run_train(
     tmp_path: Path,
     *args: str,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tsdia.training import checkpoint_store as store
+from tsdia.experiment import checkpoints as store
 
 
 def make(save_dir: Path, epoch: int, step: int, metrics: dict[str, float] | None = None) -> Path:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+
 import pytest
 
 from tsdia.cluster import detect, expand_hostlist, port_for_job
@@ -76,7 +79,51 @@ def test_port_is_stable_per_job_and_in_range() -> None:
         ("n[1-3]", ["n1", "n2", "n3"]),
         ("gpu[01-02,07],cpu5", ["gpu01", "gpu02", "gpu07", "cpu5"]),
         ("a[8-10]-ib", ["a8-ib", "a9-ib", "a10-ib"]),
+        ("gpu[01-02]-ib[1-2]", ["gpu01-ib1", "gpu01-ib2", "gpu02-ib1", "gpu02-ib2"]),
+        ("rack[1-2]-n[09-10],login", ["rack1-n09", "rack1-n10", "rack2-n09", "rack2-n10", "login"]),
+        ("x-[7]", ["x-7"]),
     ],
 )
 def test_expand_hostlist(hostlist: str, hosts: list[str]) -> None:
     assert expand_hostlist(hostlist) == hosts
+
+
+# Patterns the local cluster's scontrol accepts: several bracket groups, padding, lists, plain names.
+SLURM_PATTERNS = [
+    "n1",
+    "n[1-3,5],gpu7",
+    "gpu[01-02]-ib[1-2]",
+    "rack[1-2]-n[01-02],login",
+    "a[1-2]b[3-4]",
+    "a[8-10]",
+    "node[001-003,010]",
+    "c[1-2]-[3-4]",
+]
+
+
+@pytest.mark.slurm
+@pytest.mark.parametrize("hostlist", SLURM_PATTERNS)
+def test_expand_hostlist_agrees_with_scontrol(hostlist: str) -> None:
+    if shutil.which("scontrol") is None:
+        pytest.skip("no scontrol: slurm/dev-cluster.sh start installs it")
+    done = subprocess.run(
+        ["scontrol", "show", "hostnames", hostlist], capture_output=True, text=True, timeout=30
+    )
+    if done.returncode != 0:
+        pytest.skip(f"this Slurm rejects {hostlist!r}: {done.stderr.strip()}")
+    assert expand_hostlist(hostlist) == done.stdout.split()
+
+
+def test_unresolvable_first_node_falls_back_to_the_launch_node_and_says_so() -> None:
+    env = detect(
+        {
+            "SLURM_JOB_ID": "7",
+            "SLURM_PROCID": "1",
+            "SLURM_NTASKS": "2",
+            "SLURM_STEP_ID": "0",
+            "SLURM_JOB_NODELIST": "no-such-host-tsdia[1-2]",
+            "SLURM_LAUNCH_NODE_IPADDR": "10.1.2.3",
+        }
+    )
+    assert env.master_addr == "10.1.2.3"
+    assert "no-such-host-tsdia1" in env.master_addr_reason and "10.1.2.3" in env.master_addr_reason

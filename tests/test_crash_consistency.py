@@ -14,7 +14,7 @@ import pytest
 
 from conftest import EXAMPLE, REPO, SMALL, quiet_env, run_train
 from tsdia.errors import directory_exists_message
-from tsdia.training import checkpoint_store as store
+from tsdia.experiment import checkpoints as store
 
 pytestmark = pytest.mark.slow
 

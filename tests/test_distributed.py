@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import EXAMPLE, REPO, quiet_env, tree
+from conftest import EXAMPLE, REPO, quiet_env, tree, with_plugins
 from tsdia.errors import directory_exists_message
 
 pytestmark = pytest.mark.slow
@@ -33,7 +33,7 @@ SMALL2 = [
 
 def torchrun(tmp_path: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = quiet_env(tmp_path)
-    env["PYTHONPATH"] = str(REPO / "tests" / "plugins")
+    with_plugins(env)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     return subprocess.run(
         [*command, "-m", "tsdia.train", str(EXAMPLE), *SMALL2, *args],

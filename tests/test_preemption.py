@@ -9,14 +9,15 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, SMALL, quiet_env, run_train
+from conftest import SMALL, quiet_env, run_train, with_plugins
 from test_distributed import torchrun
 from tsdia.errors import EXIT_STOPPED
-from tsdia.training.preemption import Attempt, decide_requeue, parse_slurm_duration
+from tsdia.experiment.attempts import AttemptRecord
+from tsdia.training.preemption import decide_requeue
 
 
-def attempt(start: int, stop: int) -> Attempt:
-    return Attempt(0, "1", 0, start, stop, "preemption (SIGUSR2)", "t")
+def attempt(start: int, stop: int) -> AttemptRecord:
+    return AttemptRecord(0, "1", 0, start, stop, "preemption (SIGUSR2)", "t")
 
 
 def test_requeue_bounds() -> None:
@@ -31,17 +32,9 @@ def test_requeue_bounds() -> None:
     assert decide_requeue([*stuck, attempt(5, 9)], 1, 10, False, False)[0]
 
 
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [("5:00", 300), ("1:02:03", 3723), ("2-00:00:10", 172810), ("UNLIMITED", None), ("", None)],
-)
-def test_parse_slurm_duration(text: str, seconds: int | None) -> None:
-    assert parse_slurm_duration(text) == seconds
-
-
 def plugin_env(tmp_path: Path) -> dict[str, str]:
     env = quiet_env(tmp_path)
-    env["PYTHONPATH"] = str(REPO / "tests" / "plugins")
+    with_plugins(env)
     return env
 
 

@@ -23,7 +23,7 @@ from conftest_slurm import (
     submit_env,
 )
 from tsdia.errors import CheckpointDirectoryExistsError
-from tsdia.launch.slurm_state import wait_for_job
+from tsdia.slurm_commands import wait_for_job
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 

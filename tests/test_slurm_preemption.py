@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import REPO, quiet_env, run_train
+from conftest import quiet_env, run_train, with_plugins
 from conftest_slurm import (
     EXAMPLE,
     run_submit,
@@ -41,7 +41,7 @@ SAVED = re.compile(r"Saved checkpoint-epoch\d+-step(\d+)")
 
 def env(tmp_path: Path) -> dict[str, str]:
     out = submit_env(tmp_path)
-    out["PYTHONPATH"] = str(REPO / "tests" / "plugins")
+    with_plugins(out)
     return out
 
 
@@ -107,7 +107,7 @@ def preempt_after_save(job_id: str, save_dir: Path, attempt: int, after_step: in
 def test_preempted_three_times_requeues_resumes_and_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     reference = tmp_path / "reference"
     local = quiet_env(tmp_path)
-    local["PYTHONPATH"] = str(REPO / "tests" / "plugins")
+    with_plugins(local)
     done = run_train(
         tmp_path, *SLOW, "model.step_seconds=0", f"training.checkpoint.save_dir={reference}", env=local
     )

@@ -15,10 +15,9 @@ import pytest
 
 from conftest_slurm import EXAMPLE, TINY, assert_golden, assert_layout, normalize, run_submit, submit_env
 from tsdia.errors import CheckpointDirectoryExistsError
-from tsdia.launch import claim as claims
-from tsdia.launch.resources import parse_time
-from tsdia.launch.slurm_state import wait_for_job
+from tsdia.experiment import claim as claims
 from tsdia.launch.submit import main
+from tsdia.slurm_commands import wait_for_job
 
 FULL = [
     "slurm.nodes=2",
@@ -290,7 +289,7 @@ def test_racing_claims_exactly_one_wins(tmp_path: Path) -> None:
 
     def attempt() -> None:
         try:
-            results.append(claims.claim(save_dir, None, str(EXAMPLE), [], "slurm"))
+            results.append(claims.claim_for_submit(save_dir, None, str(EXAMPLE), [], "slurm"))
         except CheckpointDirectoryExistsError as err:
             results.append(err)
 
@@ -314,36 +313,25 @@ def test_resume_submit_checks_target_and_restores_owner(tmp_path: Path) -> None:
 
     save_dir = tmp_path / "exp"
     with pytest.raises(CheckpointError, match="does not exist"):
-        claims.claim(str(save_dir), str(tmp_path / "nope"), str(EXAMPLE), [], "slurm")
+        claims.claim_for_submit(str(save_dir), str(tmp_path / "nope"), str(EXAMPLE), [], "slurm")
     assert not save_dir.exists()
     save_dir.mkdir()
     (save_dir / "stray.txt").write_text("x")
     with pytest.raises(CheckpointError, match="not a tsdia experiment"):
-        claims.claim(str(save_dir), "latest", str(EXAMPLE), [], "slurm")
+        claims.claim_for_submit(str(save_dir), "latest", str(EXAMPLE), [], "slurm")
     (save_dir / "logs").mkdir()
     (save_dir / ".tsdia-owner.json").write_text(json.dumps({"claim_token": "old", "job_id": "7"}))
     with pytest.raises(ExperimentInUseError, match="scancel 7"):
-        claims.claim(str(save_dir), "latest", str(EXAMPLE), [], "slurm", job_is_active=lambda job: True)
-    claim = claims.claim(str(save_dir), "latest", str(EXAMPLE), [], "slurm", job_is_active=lambda job: False)
+        claims.claim_for_submit(
+            str(save_dir), "latest", str(EXAMPLE), [], "slurm", job_is_active=lambda job: True
+        )
+    claim = claims.claim_for_submit(
+        str(save_dir), "latest", str(EXAMPLE), [], "slurm", job_is_active=lambda job: False
+    )
     assert json.loads((save_dir / ".tsdia-owner.json").read_text())["claim_token"] == claim.token
     claim.release()
     assert json.loads((save_dir / ".tsdia-owner.json").read_text())["claim_token"] == "old"
     assert (save_dir / "stray.txt").exists()
-
-
-@pytest.mark.parametrize(
-    ("text", "seconds"),
-    [
-        ("90", 5400),
-        ("5:30", 330),
-        ("1:02:03", 3723),
-        ("2-3", 183600),
-        ("1-00:30", 88200),
-        ("1-00:00:00", 86400),
-    ],
-)
-def test_parse_time(text: str, seconds: int) -> None:
-    assert parse_time(text) == seconds
 
 
 def test_wait_follows_requeues_until_a_final_state() -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import EXAMPLE, REPO, SMALL, quiet_env, run_train, tree
+from conftest import EXAMPLE, SMALL, quiet_env, run_train, tree, with_plugins
 from tsdia.errors import directory_exists_message
 from wandb_records import find_runs
 
@@ -203,7 +203,7 @@ def test_resume_from_explicit_checkpoint_path(tmp_path: Path) -> None:
 def test_crash_traceback_and_all_output_land_in_the_log(tmp_path: Path) -> None:
     save_dir = tmp_path / "crash"
     env = quiet_env(tmp_path)
-    env["PYTHONPATH"] = str(REPO / "tests" / "plugins")
+    with_plugins(env)
     result = run_train(
         tmp_path,
         *SMALL,

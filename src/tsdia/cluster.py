@@ -33,6 +33,7 @@ class ClusterEnvironment:
     job_id: str | None = None
     restart_count: int = 0
     claim_token: str | None = None  # set by tsdia-submit: proves this job owns its experiment directory
+    master_addr_reason: str = ""  # how master_addr was chosen (printed in rank 0's log)
 
     @property
     def is_main(self) -> bool:
@@ -81,7 +82,15 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnvironment:
             claim_token=token,
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and _is_slurm_step(env):
-        nodes = expand_hostlist(env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or "")
+        nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
+        try:
+            nodes = expand_hostlist(nodelist)
+        except ValueError:
+            nodes = []
+        if env.get("MASTER_ADDR"):
+            master_addr, reason = env["MASTER_ADDR"], "MASTER_ADDR from the environment"
+        else:
+            master_addr, reason = _master_address(nodes, nodelist, env)
         return ClusterEnvironment(
             launcher="slurm",
             rank=int(env["SLURM_PROCID"]),
@@ -90,7 +99,8 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnvironment:
             local_world_size=_tasks_on_this_node(env),
             node_rank=int(env.get("SLURM_NODEID", "0")),
             num_nodes=int(env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES") or len(nodes) or 1),
-            master_addr=env.get("MASTER_ADDR") or _master_address(nodes, env),
+            master_addr=master_addr,
+            master_addr_reason=reason,
             master_port=int(env.get("MASTER_PORT") or port_for_job(job_id)),
             job_id=job_id,
             restart_count=restart_count,
@@ -124,31 +134,63 @@ def port_for_job(job_id: str | None) -> int:
     return _PORT_BASE + digits % _PORT_SPAN
 
 
-def _master_address(nodes: list[str], env: Mapping[str, str]) -> str:
-    """The first node of the allocation (where the batch script and rank 0 run), as an address.
+def _master_address(nodes: list[str], nodelist: str, env: Mapping[str, str]) -> tuple[str, str]:
+    """The first node of the allocation (where the batch script and rank 0 run), as an address, and why.
 
     A node name that does not resolve (some sites, or a local test cluster) falls back to the address
-    of the node that launched the step, which Slurm gives us directly.
+    of the node that launched the step, which Slurm gives us directly; the reason says so.
     """
-    if nodes:
-        try:
-            return socket.gethostbyname(nodes[0])
-        except OSError:
-            pass
-    return env.get("SLURM_LAUNCH_NODE_IPADDR") or (nodes[0] if nodes else "127.0.0.1")
+    if not nodes:
+        fallback = env.get("SLURM_LAUNCH_NODE_IPADDR") or "127.0.0.1"
+        return fallback, f"could not read a node from SLURM_JOB_NODELIST={nodelist!r}: using {fallback}"
+    try:
+        address = socket.gethostbyname(nodes[0])
+    except OSError as err:
+        fallback = env.get("SLURM_LAUNCH_NODE_IPADDR") or nodes[0]
+        why = f"first node {nodes[0]} of {nodelist} does not resolve ({err.strerror or err})"
+        return fallback, f"{why}: using the launch node's address {fallback}"
+    return address, f"first node {nodes[0]} of {nodelist} ({address})"
 
 
 def expand_hostlist(hostlist: str) -> list[str]:
-    """Expand Slurm's compressed host list: `n[1-3,5],gpu7` -> `[n1, n2, n3, n5, gpu7]`."""
+    """Expand Slurm's compressed host list, as `scontrol show hostnames` does.
+
+    `n[1-3,5],gpu7` -> n1 n2 n3 n5 gpu7; several bracket groups multiply, the first one outermost:
+    `gpu[01-02]-ib[1-2]` -> gpu01-ib1 gpu01-ib2 gpu02-ib1 gpu02-ib2. Numbers keep the zero padding of
+    the range's first bound.
+    """
     hosts: list[str] = []
-    for part in re.findall(r"[^,\[]+(?:\[[^\]]*\])?[^,]*", hostlist):
-        match = re.fullmatch(r"(.*?)\[([^\]]*)\](.*)", part)
-        if not match:
-            hosts.append(part)
-            continue
-        prefix, ranges, suffix = match.groups()
-        for item in ranges.split(","):
-            low, _, high = item.partition("-")
-            for number in range(int(low), int(high or low) + 1):
-                hosts.append(f"{prefix}{number:0{len(low)}d}{suffix}")
+    for name in _split_top_level(hostlist):
+        hosts.extend(_expand_name(name))
     return hosts
+
+
+def _split_top_level(hostlist: str) -> list[str]:
+    """Split on the commas that are not inside brackets."""
+    names, depth, start = [], 0, 0
+    for i, char in enumerate(hostlist):
+        if char == "[":
+            depth += 1
+        elif char == "]":
+            depth -= 1
+        elif char == "," and depth == 0:
+            names.append(hostlist[start:i])
+            start = i + 1
+    names.append(hostlist[start:])
+    return [n.strip() for n in names if n.strip()]
+
+
+def _expand_name(name: str) -> list[str]:
+    match = re.search(r"\[([^\]]*)\]", name)
+    if match is None:
+        return [name]
+    prefix, rest = name[: match.start()], name[match.end() :]
+    tails = _expand_name(rest)
+    out: list[str] = []
+    for item in match.group(1).split(","):
+        low, _, high = item.strip().partition("-")
+        if not low.isdigit() or (high and not high.isdigit()):
+            raise ValueError(f"not a Slurm host list: {name!r} (range {item!r})")
+        for number in range(int(low), int(high or low) + 1):
+            out.extend(f"{prefix}{number:0{len(low)}d}{tail}" for tail in tails)
+    return out

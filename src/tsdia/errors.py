@@ -39,7 +39,7 @@ class ExperimentInUseError(TsdiaError):
 
 
 def directory_exists_message(directory: str) -> str:
-    """The refusal text, verbatim from the experiment-management spec."""
+    """The refusal text users see when an experiment directory already exists (kept verbatim)."""
     rule = "=" * 70
     return (
         f"\n{rule}\n"

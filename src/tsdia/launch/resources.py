@@ -14,16 +14,8 @@ from dataclasses import dataclass, field
 
 from tsdia.config.schema import Config
 from tsdia.errors import ConfigError
+from tsdia.slurm_commands import parse_duration
 
-# Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
-_TIME_FORMATS = (
-    re.compile(r"(?P<m>\d+)"),
-    re.compile(r"(?P<m>\d+):(?P<s>\d+)"),
-    re.compile(r"(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)"),
-    re.compile(r"(?P<d>\d+)-(?P<h>\d+)"),
-    re.compile(r"(?P<d>\d+)-(?P<h>\d+):(?P<m>\d+)"),
-    re.compile(r"(?P<d>\d+)-(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)"),
-)
 _MEM = re.compile(r"\d+([KMGTkmgt][Bb]?)?")
 # Partition, account and QOS names (partition may be a comma-separated list): no spaces, quotes or shell syntax.
 _NAME_LIST = re.compile(r"[A-Za-z0-9_.+@:-]+(,[A-Za-z0-9_.+@:-]+)*")
@@ -134,7 +126,7 @@ def resolve(config: Config) -> SlurmResources:
     elif _CONTROL.search(job_name):
         bad("job_name", f"got {job_name!r}: a job name must be one line without control characters.")
     time_text = str(slurm.time)  # a bare number is minutes, as for sbatch
-    time_s = parse_time(time_text)
+    time_s = parse_duration(time_text)
     if time_s is None:
         bad(
             "time",
@@ -256,23 +248,6 @@ def check_line(what: str, value: str) -> None:
         raise ConfigError(
             f"{what}: got {value!r}; newlines and control characters cannot go into an sbatch script."
         )
-
-
-def parse_time(text: str) -> int | None:
-    """Seconds in a Slurm `--time` value, or None when it is not one."""
-    for pattern in _TIME_FORMATS:
-        match = pattern.fullmatch(text.strip())
-        if match is None:
-            continue
-        parts = {k: int(v) for k, v in match.groupdict().items() if v is not None}
-        if parts.get("s", 0) >= 60 or ("h" in parts and parts.get("m", 0) >= 60):
-            return None
-        if "d" in parts and parts["h"] >= 24:
-            return None
-        return ((parts.get("d", 0) * 24 + parts.get("h", 0)) * 60 + parts.get("m", 0)) * 60 + parts.get(
-            "s", 0
-        )
-    return None
 
 
 def _check_extra(options: dict[str, str], bad: Callable[[str, str], None]) -> dict[str, str | bool]:

@@ -29,13 +29,13 @@ from tsdia.cli import EXIT_INTERRUPTED, run_cli
 from tsdia.config.loader import load_config
 from tsdia.config.schema import Config
 from tsdia.errors import TsdiaError
+from tsdia.experiment import claim as claims
 from tsdia.fileio import atomic_write_text
-from tsdia.launch import claim as claims
 from tsdia.launch import container, sbatch
 from tsdia.launch.job import TrainJob
 from tsdia.launch.resources import SlurmResources, check_line, resolve
-from tsdia.launch.slurm_state import is_job_active, wait_for_job
 from tsdia.parse_args import build_arg_parser
+from tsdia.slurm_commands import is_job_active, wait_for_job
 
 PROG = "tsdia-submit"
 EXIT_JOB_FAILED = 1  # --wait / --local: the job ran and failed (2 stays "you must change something")
@@ -99,7 +99,7 @@ def run(argv: Sequence[str]) -> int:
         return 0
     resume = config.training.checkpoint.resume
     if args.dry_run:
-        claims.check_directory(res.save_dir, resume, is_job_active if _have_slurm() else None)
+        claims.check_can_submit(res.save_dir, resume, is_job_active if _have_slurm() else None)
         if res.container is not None:
             token = container.DRY_RUN_TOKEN
             snapshot = _snapshot_path(res, token)
@@ -133,7 +133,7 @@ def submit_slurm(
     from submitit import SlurmExecutor
     from submitit.core.utils import FailedJobError
 
-    claim = claims.claim(
+    claim = claims.claim_for_submit(
         res.save_dir, config.training.checkpoint.resume, config_path, overrides, "slurm", is_job_active
     )
     try:
@@ -164,7 +164,7 @@ def submit_container(
     `slurm/templates/container.sbatch` (see `tsdia.launch.container`), submitted with `sbatch --parsable`."""
     _require_slurm()
     assert res.container is not None
-    claim = claims.claim(
+    claim = claims.claim_for_submit(
         res.save_dir, config.training.checkpoint.resume, config_path, overrides, "slurm", is_job_active
     )
     try:
@@ -213,7 +213,9 @@ def _follow(res: SlurmResources, job_id: str) -> int:
 def submit_local(config: Config, res: SlurmResources, config_path: str, overrides: Sequence[str]) -> int:
     from submitit import LocalExecutor
 
-    claim = claims.claim(res.save_dir, config.training.checkpoint.resume, config_path, overrides, "local")
+    claim = claims.claim_for_submit(
+        res.save_dir, config.training.checkpoint.resume, config_path, overrides, "local"
+    )
     try:
         job_spec = TrainJob(_snapshot(config, res, claim.token), tuple(overrides), claim.token, _free_port())
         executor = LocalExecutor(folder=res.folder, max_num_timeout=res.max_requeues)

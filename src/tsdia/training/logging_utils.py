@@ -1,4 +1,4 @@
-"""The spec's logging entry points: `setup_file_logger`, `init_trackers`, `save_wandb_info`."""
+"""The logging entry points: `setup_file_logger` (the console tee), `init_trackers`, `save_wandb_info`."""
 
 from __future__ import annotations
 

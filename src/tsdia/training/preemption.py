@@ -9,25 +9,21 @@ being stopped without getting past its last checkpoint is not requeued forever.
 
 from __future__ import annotations
 
-import json
 import logging
 import signal
-import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from tsdia.cluster import ClusterEnvironment
 from tsdia.config.schema import SlurmConfig
-from tsdia.fileio import atomic_write_text
-from tsdia.training.checkpoint_store import STORE_DIR
+from tsdia.experiment.attempts import AttemptRecord, record_attempt
+from tsdia.slurm_commands import time_left_s
 
 logger = logging.getLogger(__name__)
 
-ATTEMPTS_FILE = "attempts.json"  # in checkpoints/: one record per stopped attempt
 NO_PROGRESS_LIMIT = 3  # stop requeueing after this many attempts in a row that saved no new step
 
 
@@ -104,38 +100,8 @@ class PreemptionWatcher:
         return False
 
 
-@dataclass
-class Attempt:
-    """What one stopped (or crashed) attempt did, for the requeue bound."""
-
-    resume_index: int
-    job_id: str | None
-    restart_count: int
-    start_step: int
-    stop_step: int
-    reason: str
-    time: str
-
-
-def record_attempt(store_dir: Path, attempt: Attempt) -> list[Attempt]:
-    """Append to `checkpoints/attempts.json` (rank 0) and return the whole history."""
-    store_dir.mkdir(parents=True, exist_ok=True)
-    path = store_dir / ATTEMPTS_FILE
-    history = read_attempts(path)
-    history.append(attempt)
-    atomic_write_text(path, json.dumps([asdict(a) for a in history], indent=2))
-    return history
-
-
-def read_attempts(path: Path) -> list[Attempt]:
-    try:
-        return [Attempt(**item) for item in json.loads(path.read_text())]
-    except (OSError, ValueError, TypeError):
-        return []
-
-
 def decide_requeue(
-    history: list[Attempt], restart_count: int, max_requeues: int, crashed: bool, requeue_on_crash: bool
+    history: list[AttemptRecord], restart_count: int, max_requeues: int, crashed: bool, requeue_on_crash: bool
 ) -> tuple[bool, str]:
     """Whether to requeue, and why (or why not), in words for the log."""
     if crashed and not requeue_on_crash:
@@ -166,7 +132,7 @@ def plan_after_stop(
     `signal_name` None means a crash. Rank 0 only; it runs while the log tee is still open.
     """
     reason = classify_stop(signal_name, cluster.job_id, slurm.signal_lead_s)
-    attempt = Attempt(
+    attempt = AttemptRecord(
         resume_index=resume_index,
         job_id=cluster.job_id,
         restart_count=cluster.restart_count,
@@ -175,7 +141,7 @@ def plan_after_stop(
         reason=reason,
         time=time.strftime("%Y-%m-%dT%H:%M:%S"),
     )
-    history = record_attempt(save_dir / STORE_DIR, attempt)
+    history = record_attempt(save_dir, attempt)
     if cluster.job_id is None:
         print(
             f"Stopped: {reason} at step {stop_step}. Resume with training.checkpoint.resume=latest.",
@@ -196,52 +162,7 @@ def classify_stop(signal_name: str | None, job_id: str | None, lead_s: int) -> s
         return "crash"
     if job_id is None:
         return f"stop requested ({signal_name})"
-    left = slurm_time_left_s(job_id)
+    left = time_left_s(job_id)
     if left is not None and left <= lead_s + 90:
         return f"time limit ({signal_name}, {left} s left)"
     return f"preemption ({signal_name})"
-
-
-def slurm_time_left_s(job_id: str) -> int | None:
-    """Seconds until the job's time limit, from squeue (None if unknown or unlimited)."""
-    try:
-        out = subprocess.run(
-            ["squeue", "-h", "-j", job_id, "-o", "%L"], capture_output=True, text=True, timeout=10, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return parse_slurm_duration(out)
-
-
-def parse_slurm_duration(text: str) -> int | None:
-    """`[days-]hours:minutes:seconds` (or shorter) -> seconds; None for UNLIMITED or junk."""
-    days, _, clock = text.rpartition("-")
-    try:
-        parts = [int(p) for p in clock.split(":")]
-        seconds = 0
-        for part in parts:
-            seconds = seconds * 60 + part
-        return seconds + int(days or 0) * 86400
-    except ValueError:
-        return None
-
-
-def requeue_job(job_id: str) -> bool:
-    """`scontrol requeue`: Slurm ends this attempt and reruns the job (same id, restart count + 1).
-
-    Fails harmlessly when the job is already being requeued (e.g. an administrator's requeue sent the
-    SIGTERM that stopped us): the checkpoint is saved either way.
-    """
-    try:
-        subprocess.run(
-            ["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True, text=True
-        )
-    except subprocess.CalledProcessError as err:
-        logger.warning(
-            "scontrol requeue %s failed (%s); the job may already be requeued.", job_id, err.stderr.strip()
-        )
-        return False
-    except (OSError, subprocess.TimeoutExpired) as err:
-        logger.warning("scontrol requeue %s failed: %s", job_id, err)
-        return False
-    return True

@@ -1,7 +1,7 @@
 """Experiment trackers behind one small interface: TensorBoard, WandB, and a fan-out over both.
 
-Only rank 0 builds real trackers (`init_trackers` returns an empty `Trackers` elsewhere), so call sites
-never check ranks. wandb and tensorboard are imported only when enabled.
+Only rank 0 builds real trackers (`Attempt.start_trackers` calls `init_trackers` there); the other ranks keep
+an empty `Trackers`, so call sites never check ranks. wandb and tensorboard are imported only when enabled.
 """
 
 from __future__ import annotations

@@ -16,13 +16,15 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from tsdia import cluster as cluster_env
 from tsdia.config.schema import Config, ConfigSource, TrainingConfig
-from tsdia.training import checkpoint_store as store
+from tsdia.experiment import checkpoints as store
+from tsdia.slurm_commands import requeue_job
 from tsdia.training.artifacts import full_config_dict, hyperparameters, model_summary
-from tsdia.training.checkpointing import Checkpointer
+from tsdia.training.attempt import Attempt, decide_on_rank_zero
+from tsdia.training.checkpointer import Checkpointer
 from tsdia.training.components import build_optimizer, build_scheduler
 from tsdia.training.distributed import barrier, broadcast_object, build_accelerator, deepspeed_config
-from tsdia.training.preemption import PreemptionWatcher, plan_after_stop, requeue_job
-from tsdia.training.session import ExperimentSession, decide_on_rank_zero
+from tsdia.training.preemption import PreemptionWatcher, plan_after_stop
+from tsdia.training.trackers import Trackers
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +55,7 @@ class _Progress:
 
 
 class Trainer:
-    """Trains `model` with full experiment management (see the README and the spec).
+    """Trains `model` with full experiment management: directory protection, logs, trackers, checkpoints.
 
     `model(batch)` must return a dict with a scalar `loss` (plus optional scalar metrics, averaged during
     validation and logged as `val_<name>`), or the loss tensor itself.
@@ -73,45 +75,73 @@ class Trainer:
         if config_path and not config.source.path:
             config.source = ConfigSource(path=config_path, text=Path(config_path).read_text())
         self.config = config
-        self.model = model
+        self.model = model  # the user's module, as given
         self.train_dataloader = train_dataloader
         self.val_dataloader = val_dataloader
         self.cluster = cluster or cluster_env.detect()
         self.progress = _Progress()
         self.total_steps = 0
-        self.start_step = 0
+        self.start_step = 0  # the global step this attempt started (or resumed) at
+        # Built by train(), in this order; declared here so that the trainer's state has one home.
+        self.accelerator: Any = None
+        self._attempt: Attempt | None = None
+        self._watcher: PreemptionWatcher | None = None
+        self._checkpointer: Checkpointer | None = None
+        self.prepared_model: Any = None  # the model as Accelerate (DDP, DeepSpeed) wrapped it
+        self.optimizer: Any = None
+        self.scheduler: Any = None
+        self.trackers = Trackers()
+        self._loss_sum = torch.zeros(())  # training loss summed since the last log line (on the device)
+        self._loss_count = 0
+
+    @property
+    def attempt(self) -> Attempt:
+        """This attempt's files, trackers and decision (once `train()` has started)."""
+        if self._attempt is None:
+            raise RuntimeError("Trainer.train() has not started yet")
+        return self._attempt
+
+    @property
+    def watcher(self) -> PreemptionWatcher:
+        if self._watcher is None:
+            raise RuntimeError("Trainer.train() has not started yet")
+        return self._watcher
+
+    @property
+    def checkpointer(self) -> Checkpointer:
+        if self._checkpointer is None:
+            raise RuntimeError("Trainer.train() has not prepared the model yet")
+        return self._checkpointer
 
     def train(self) -> TrainResult:
         """Run (or resume) the experiment to the end; raises `TsdiaError` subclasses for user mistakes."""
         training = self.config.training
-        accelerator = build_accelerator(self.config, self.cluster)
+        self.accelerator = accelerator = build_accelerator(self.config, self.cluster)
         decision, lock = decide_on_rank_zero(self.config, self.cluster)
-        session = ExperimentSession(self.config, self.cluster, decision)
-        session.lock = lock
-        self.accelerator, self.session = accelerator, session
+        self._attempt = attempt = Attempt(self.config, self.cluster, decision, lock)
         preemption = training.preemption
-        self.watcher = PreemptionWatcher(
+        self._watcher = watcher = PreemptionWatcher(
             preemption.signals, preemption.check_interval, accelerator.num_processes > 1, accelerator.device
         )
-        self.watcher.install()
+        watcher.install()
         requeue = crashed = False
         try:
-            session.start_logging()
-            session.write_config()
-            result = self._run(accelerator, session, training)
+            attempt.start_logging()
+            attempt.write_config()
+            result = self._run()
             if result.stopped_early:
                 requeue = bool(broadcast_object(self._plan_after_stop(crashed=False)))
-                result.stop_reason, result.requeued = self.watcher.stop_signal, requeue
+                result.stop_reason, result.requeued = watcher.stop_signal, requeue
         except BaseException as err:
             crashed = True
-            session.record_crash()
-            if getattr(self, "checkpointer", None) is not None:
-                self.checkpointer.abandon()
+            attempt.record_crash()
+            if self._checkpointer is not None:
+                self._checkpointer.abandon()
             requeue = isinstance(err, Exception) and self._plan_after_stop(crashed=True)
             raise
         finally:
-            self.watcher.uninstall()
-            session.close()
+            watcher.uninstall()
+            attempt.close()
             if requeue:
                 if not crashed:
                     barrier()  # every rank has saved and closed its files before Slurm ends this attempt
@@ -124,16 +154,18 @@ class Trainer:
         if not self.cluster.is_main:
             return False
         return plan_after_stop(
-            save_dir=self.session.save_dir,
+            save_dir=self.attempt.save_dir,
             cluster=self.cluster,
             slurm=self.config.slurm,
-            resume_index=self.session.decision.resume_index,
+            resume_index=self.attempt.decision.resume_index,
             start_step=self.start_step,
             stop_step=self.progress.global_step,
             signal_name=None if crashed else self.watcher.stop_signal,
         )
 
-    def _run(self, accelerator: Any, session: ExperimentSession, training: TrainingConfig) -> TrainResult:
+    def _run(self) -> TrainResult:
+        """Prepare model, optimizer and data, write the run's artifacts, restore a checkpoint, then loop."""
+        accelerator, attempt, training = self.accelerator, self.attempt, self.config.training
         raw_optimizer = build_optimizer(self.model.parameters(), training.optimizer)
         prepared = accelerator.prepare(self.model, raw_optimizer, self.train_dataloader, *self._val_loaders())
         model, optimizer, train_dl = prepared[:3]
@@ -144,10 +176,10 @@ class Trainer:
         self.total_steps = total_steps
         scheduler = build_scheduler(raw_optimizer, training.scheduler, schedule_steps)
         accelerator.register_for_checkpointing(scheduler)
-        self.model_, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.prepared_model, self.optimizer, self.scheduler = model, optimizer, scheduler
 
         zero_stage = self._zero_stage()
-        session.write_json_once(
+        attempt.write_json_once(
             "hyperparameters.json",
             hyperparameters(
                 self.config,
@@ -159,16 +191,16 @@ class Trainer:
                 code_path=Path(__file__),
             ),
         )
-        session.write_text_once("model_summary.txt", model_summary(self.model))
-        self.checkpointer = Checkpointer(
+        attempt.write_text_once("model_summary.txt", model_summary(self.model))
+        self._checkpointer = Checkpointer(
             accelerator,
-            session.save_dir,
+            attempt.save_dir,
             training.checkpoint,
             zero_stage is not None,
-            session.decision.resume_from,
+            attempt.decision.resume_from,
         )
-        if session.decision.resume_from:
-            self.progress = _Progress(**self.checkpointer.load(session.decision.resume_from))
+        if attempt.decision.resume_from:
+            self.progress = _Progress(**self.checkpointer.load(attempt.decision.resume_from))
             logger.info(
                 "Resumed at step %d (epoch %d, batch %d)",
                 self.progress.global_step,
@@ -176,8 +208,7 @@ class Trainer:
                 self.progress.batches_in_epoch,
             )
         self.start_step = self.progress.global_step
-        trackers = session.start_trackers(full_config_dict(self.config), self.progress.global_step)
-        self.trackers = trackers
+        self.trackers = attempt.start_trackers(full_config_dict(self.config), self.progress.global_step)
         barrier()
         # Entered after the trackers start (wandb swaps the console streams): from here on log records go
         # through tqdm.write, so they never land in the middle of a progress-bar line.
@@ -188,7 +219,7 @@ class Trainer:
         self, model: Any, optimizer: Any, train_dl: Any, val_dl: Any, scheduler: Any, total_steps: int
     ) -> TrainResult:
         """Epochs until the end (or a stop signal), then the final validation and checkpoint."""
-        accelerator, trackers, training = self.accelerator, self.trackers, self.config.training
+        accelerator, training = self.accelerator, self.config.training
         checkpoint_cfg = training.checkpoint
         progress = self.progress
         val_metrics: dict[str, float] = {}
@@ -199,7 +230,7 @@ class Trainer:
             desc="train",
             dynamic_ncols=True,
         )
-        self._loss_sum = torch.zeros((), device=accelerator.device)  # since the last log line
+        self._loss_sum = torch.zeros((), device=accelerator.device)
         self._loss_count = 0
         stopped_early = False
         model.train()
@@ -210,20 +241,20 @@ class Trainer:
                 if stopped_early:
                     break
             if progress.batches_in_epoch >= len(train_dl):
-                val_metrics = self._end_epoch(val_dl, epoch, trackers) or val_metrics
+                val_metrics = self._end_epoch(val_dl, epoch) or val_metrics
                 if self._validates_at(epoch) and checkpoint_cfg.save_on_validation:
                     self.save_checkpoint(val_metrics)
         bar.close()
         if not stopped_early:
             if progress.last_val_step != progress.global_step:
-                val_metrics = self._validate(val_dl, trackers) or val_metrics
+                val_metrics = self._validate(val_dl) or val_metrics
             last_saved = self.save_checkpoint(val_metrics)
         else:
             last_saved = self.save_checkpoint({})
-        self.checkpointer.wait()  # a background write still in flight is committed before we return
-        best = Path(self.session.save_dir) / store.BEST_LINK
+        self.checkpointer.commit_pending()  # a background write still in flight is committed before we return
+        best = self.attempt.save_dir / store.BEST_LINK
         return TrainResult(
-            save_dir=str(self.session.save_dir),
+            save_dir=str(self.attempt.save_dir),
             global_step=progress.global_step,
             epoch=progress.epoch,
             last_checkpoint=last_saved,
@@ -289,20 +320,20 @@ class Trainer:
     def _validates_at(self, epoch: int) -> bool:
         return (epoch + 1) % self.config.training.validation.interval == 0
 
-    def _end_epoch(self, val_dl: Any, epoch: int, trackers: Any) -> dict[str, float] | None:
+    def _end_epoch(self, val_dl: Any, epoch: int) -> dict[str, float] | None:
         """Close epoch `epoch`: validate if it is due, then move the counters to the next epoch."""
-        metrics = self._validate(val_dl, trackers) if self._validates_at(epoch) else None
+        metrics = self._validate(val_dl) if self._validates_at(epoch) else None
         self.progress.epoch = epoch + 1
         self.progress.batches_in_epoch = 0
         return metrics
 
     @torch.no_grad()
-    def _validate(self, val_dl: Any, trackers: Any) -> dict[str, float]:
+    def _validate(self, val_dl: Any) -> dict[str, float]:
         """Average every scalar the model returns over the validation set, across ranks; log as `val_*`."""
         if val_dl is None:
             return {}
         accelerator = self.accelerator
-        model = self.model_
+        model = self.prepared_model
         model.eval()
         sums: dict[str, torch.Tensor] = {}
         batches = 0
@@ -340,7 +371,7 @@ class Trainer:
         epoch = progress.epoch if progress.batches_in_epoch else max(progress.epoch - 1, 0)
         final = progress.global_step >= self.total_steps  # the end of training, wherever it is saved from
         path = self.checkpointer.save(
-            self.model_, epoch, progress.global_step, metrics, asdict(progress), final
+            self.prepared_model, epoch, progress.global_step, metrics, asdict(progress), final
         )
         return str(path)
 

@@ -1,15 +1,20 @@
-"""A Slurm job's state, read with `scontrol` (or `sacct` once the controller has forgotten the job).
+"""The one place that talks to Slurm's command-line tools (`squeue`, `scontrol`, `sacct`), torch-free.
 
-`--wait` follows a job until it ends for good: a requeued job (preemption, time limit, `scontrol
-requeue`) goes back to PENDING under the same id, so only the states below end the wait.
+Job states for `tsdia-submit --wait` and resume submits, the time a job has left, requeueing from inside a
+job, and the one parser of Slurm durations. `--wait` follows a job until it ends for good: a requeued job
+(preemption, time limit, `scontrol requeue`) goes back to PENDING under the same id, so only the final
+states below end the wait.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import subprocess
 import time
 from collections.abc import Callable
+
+logger = logging.getLogger(__name__)
 
 # States after which the job will not run again by itself.
 FINAL_STATES = frozenset(
@@ -101,3 +106,58 @@ def wait_for_job(
         if unknown_polls * poll_s > 120:
             return "UNKNOWN", exit_code
         sleep(poll_s)
+
+
+# Slurm's documented time formats (sbatch --time, squeue %L): MINUTES, MINUTES:SECONDS, HOURS:MINUTES:SECONDS,
+# DAYS-HOURS, DAYS-HOURS:MINUTES, DAYS-HOURS:MINUTES:SECONDS.
+_DURATION = (
+    re.compile(r"(?P<m>\d+)"),
+    re.compile(r"(?P<m>\d+):(?P<s>\d+)"),
+    re.compile(r"(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)"),
+    re.compile(r"(?P<d>\d+)-(?P<h>\d+)"),
+    re.compile(r"(?P<d>\d+)-(?P<h>\d+):(?P<m>\d+)"),
+    re.compile(r"(?P<d>\d+)-(?P<h>\d+):(?P<m>\d+):(?P<s>\d+)"),
+)
+
+
+def parse_duration(text: str) -> int | None:
+    """Seconds in a Slurm duration (`--time` values, squeue's time left), or None (UNLIMITED, junk)."""
+    for pattern in _DURATION:
+        match = pattern.fullmatch(text.strip())
+        if match is None:
+            continue
+        parts = {k: int(v) for k, v in match.groupdict().items() if v is not None}
+        if parts.get("s", 0) >= 60 or ("h" in parts and parts.get("m", 0) >= 60):
+            return None
+        if "d" in parts and parts["h"] >= 24:
+            return None
+        hours = parts.get("d", 0) * 24 + parts.get("h", 0)
+        return (hours * 60 + parts.get("m", 0)) * 60 + parts.get("s", 0)
+    return None
+
+
+def time_left_s(job_id: str, run: Runner = _run) -> int | None:
+    """Seconds until the job's time limit, from squeue (None if unknown or unlimited)."""
+    out = run(["squeue", "-h", "-j", job_id, "-o", "%L"])
+    return parse_duration(out.strip()) if out else None
+
+
+def requeue_job(job_id: str) -> bool:
+    """`scontrol requeue`: Slurm ends this attempt and reruns the job (same id, restart count + 1).
+
+    Fails harmlessly when the job is already being requeued (e.g. a preemption that requeues by itself
+    sent the SIGTERM that stopped us): the checkpoint is saved either way.
+    """
+    try:
+        subprocess.run(
+            ["scontrol", "requeue", job_id], check=True, timeout=60, capture_output=True, text=True
+        )
+    except subprocess.CalledProcessError as err:
+        logger.warning(
+            "scontrol requeue %s failed (%s); the job may already be requeued.", job_id, err.stderr.strip()
+        )
+        return False
+    except (OSError, subprocess.TimeoutExpired) as err:
+        logger.warning("scontrol requeue %s failed: %s", job_id, err)
+        return False
+    return True

@@ -3,7 +3,8 @@
 A checkpoint `checkpoint-epoch{E}-step{S}/` is complete when its `manifest.json` exists and every file it
 lists has the listed size. It is written under `checkpoints/.incomplete-<name>/` and renamed into place only
 after the manifest is written, so a crash leaves either a complete checkpoint or staging debris that the
-next start removes. Nothing here talks to torch: the trainer passes in the function that writes the state.
+next start removes. Nothing here imports torch: `tsdia.training.checkpointer` writes the state into the
+staging directory, and this module commits it, finds it again, and rotates.
 """
 
 from __future__ import annotations

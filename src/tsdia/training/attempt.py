@@ -1,4 +1,4 @@
-"""One attempt at an experiment: the rank-0 decision broadcast to all ranks, then the run's files.
+"""One attempt at an experiment: the rank-0 decision broadcast to all ranks, then the attempt's files.
 
 Order matters for "nothing half-made": the decision (which may refuse) comes first and writes nothing
 when it refuses; only then are logs, config.yml and the other artifacts written, by rank 0 alone.
@@ -17,19 +17,17 @@ from tsdia import errors
 from tsdia.cluster import ClusterEnvironment
 from tsdia.config.loader import effective_yaml
 from tsdia.config.schema import Config
-from tsdia.experiment import LOGS_DIR, Decision, ExperimentLock, claim_experiment
+from tsdia.experiment.checkpoints import clean_staging
+from tsdia.experiment.decision import Decision, open_experiment
+from tsdia.experiment.layout import CONFIG_FILE, LOGS_DIR, RANK_LOGS_DIR, STORE_DIR
+from tsdia.experiment.lock import ExperimentLock
 from tsdia.fileio import atomic_write_text
-from tsdia.training.checkpoint_store import STORE_DIR, clean_staging
 from tsdia.training.distributed import barrier, broadcast_object
 from tsdia.training.logging_utils import init_trackers, save_wandb_info, setup_file_logger
 from tsdia.training.tee import ConsoleTee
 from tsdia.training.trackers import Trackers, WandbSettings, read_wandb_run_id
 
 logger = logging.getLogger(__name__)
-
-RANK_LOGS_DIR = (
-    "ranks"  # logs/ranks/: the other ranks' output, so logs/training_*.log is one file per attempt
-)
 
 
 def decide_on_rank_zero(
@@ -41,7 +39,7 @@ def decide_on_rank_zero(
     lock = None
     if cluster.is_main:
         try:
-            decision = claim_experiment(checkpoint.save_dir, checkpoint.resume, cluster.claim_token)
+            decision = open_experiment(checkpoint.save_dir, checkpoint.resume, cluster.claim_token)
             lock = ExperimentLock(decision.save_dir)
             lock.acquire(cluster.job_id)
             removed = clean_staging(decision.save_dir)
@@ -67,17 +65,26 @@ def _rebuild_error(outcome: dict[str, Any]) -> errors.TsdiaError:
     return cls(outcome["message"])
 
 
-class ExperimentSession:
-    """Files and trackers of one attempt; `close()` releases them."""
+class Attempt:
+    """The files and trackers of one attempt at an experiment (log tee, config.yml, artifacts, trackers).
 
-    def __init__(self, config: Config, cluster: ClusterEnvironment, decision: Decision) -> None:
+    Holds rank 0's lock on the directory (None on other ranks); `close()` releases everything.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        cluster: ClusterEnvironment,
+        decision: Decision,
+        lock: ExperimentLock | None,
+    ) -> None:
         self.config = config
         self.cluster = cluster
         self.decision = decision
+        self.lock = lock
         self.save_dir = Path(decision.save_dir)
         self.tee: ConsoleTee | None = None
         self.trackers = Trackers()
-        self.lock: ExperimentLock | None = None
 
     @property
     def log_path(self) -> Path:
@@ -106,12 +113,17 @@ class ExperimentSession:
                 print(f"Resuming from {decision.resume_from}")
             if decision.note:
                 print(f"Note: {decision.note}")
+            if self.cluster.distributed:
+                print(
+                    f"Rendezvous: {self.cluster.master_addr}:{self.cluster.master_port} "
+                    f"({self.cluster.master_addr_reason or self.cluster.launcher})"
+                )
 
     def write_config(self) -> None:
         """config.yml: a byte-identical copy, or the effective config when overrides were given."""
-        if not (self.cluster.is_main and self.decision.created_dir):
+        target = self.save_dir / CONFIG_FILE
+        if not (self.cluster.is_main and self.decision.created_dir) or target.exists():
             return
-        target = self.save_dir / "config.yml"
         source = self.config.source
         if source.path and not source.overrides:
             tmp = target.with_name(".config.yml.tmp")

@@ -2,7 +2,7 @@
 
 A fresh experiment is claimed with one `mkdir` (of N racing submits exactly one succeeds), then the owner
 record `<save_dir>/.tsdia-owner.json` gets a random claim token. The job carries the token
-(`TSDIA_CLAIM_TOKEN`), so `tsdia.experiment.claim_experiment` lets the job and its requeues in while any
+(`TSDIA_CLAIM_TOKEN`), so the job's `tsdia.experiment.decision.decide` lets the job and its requeues in while any
 other run is still refused. A submission that fails takes its claim back: nothing half-made remains.
 """
 
@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tsdia.errors import CheckpointDirectoryExistsError, CheckpointError, ConfigError, ExperimentInUseError
-from tsdia.experiment import LOGS_DIR, OWNER_FILE, check_resume_checkpoint, read_owner, write_owner
+from tsdia.errors import ExperimentInUseError
+from tsdia.experiment.decision import Decision, claim_directory, decide
+from tsdia.experiment.layout import OWNER_FILE, read_owner, write_owner
 
 JobIsActive = Callable[[str], bool]
 
@@ -53,34 +54,19 @@ class Claim:
             (self.save_dir / OWNER_FILE).unlink(missing_ok=True)
 
 
-def check_directory(save_dir: str, resume: str | None, job_is_active: JobIsActive | None = None) -> None:
+def check_can_submit(save_dir: str, resume: str | None, job_is_active: JobIsActive | None = None) -> Decision:
     """Raise what the job's own directory decision would raise, without touching the disk.
 
-    Used by `--dry-run` and before a resume submit: the same refusals, at submit time.
+    Used by `--dry-run` and by `claim_for_submit`: the same rule as the job's, at submit time, plus the
+    check that a resume does not take the directory from a job that is still queued or running.
     """
-    root = Path(save_dir)
-    if root.exists() and not root.is_dir():
-        raise ConfigError(
-            f"training.checkpoint.save_dir: {save_dir} exists and is not a directory; choose another path."
-        )
-    if resume is None:
-        if root.exists():
-            raise CheckpointDirectoryExistsError(save_dir)
-        return
-    _check_owner_not_running(root, job_is_active)
-    if resume == "latest":
-        is_experiment = (root / LOGS_DIR).is_dir() or (root / "config.yml").exists()
-        claimed_by_submit = (root / OWNER_FILE).exists()
-        if root.is_dir() and any(root.iterdir()) and not (is_experiment or claimed_by_submit):
-            raise CheckpointError(
-                f"checkpoint.resume: latest: {save_dir} exists but is not a tsdia experiment (no logs/ or "
-                "config.yml). Point training.checkpoint.save_dir at an experiment, or at a new path."
-            )
-        return
-    check_resume_checkpoint(resume)
+    decision = decide(save_dir, resume)
+    if resume is not None:
+        _check_owner_not_running(Path(save_dir), job_is_active)
+    return decision
 
 
-def claim(
+def claim_for_submit(
     save_dir: str,
     resume: str | None,
     config_path: str,
@@ -100,27 +86,15 @@ def claim(
         "config": os.path.abspath(config_path),
         "overrides": list(overrides),
     }
-    if resume is None:
-        _mkdir_parent(root)
-        try:
-            root.mkdir()  # the atomic claim: exactly one of several racing submits gets here
-        except FileExistsError:
-            raise CheckpointDirectoryExistsError(save_dir) from None
-        except OSError as err:
-            raise ConfigError(
-                f"training.checkpoint.save_dir: cannot create {save_dir}: {err.strerror}. Choose a writable location."
-            ) from None
+    decision = check_can_submit(save_dir, resume, job_is_active)
+    previous = read_owner(root)
+    created = claim_directory(decision)
+    if decision.create == "new":
+        # mkdir made the directory: of several racing submits exactly one got here.
         result = Claim(root, record["claim_token"], record, created=True)
     else:
-        check_directory(save_dir, resume, job_is_active)
-        _mkdir_parent(root)
-        created = False
-        try:
-            root.mkdir()
-            created = True
-        except FileExistsError:
-            pass
-        result = Claim(root, record["claim_token"], record, created=created, previous=read_owner(root))
+        # A resume submit (or a claimed directory resubmitted): the old owner record comes back on failure.
+        result = Claim(root, record["claim_token"], record, created=created, previous=previous)
     try:
         write_owner(root, record)
     except BaseException:
@@ -141,15 +115,6 @@ def _check_owner_not_running(root: Path, job_is_active: JobIsActive | None) -> N
             f"(squeue -j {job_id}) or cancel it (scancel {job_id}) before submitting a resume, or choose "
             "another training.checkpoint.save_dir."
         )
-
-
-def _mkdir_parent(root: Path) -> None:
-    try:
-        root.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConfigError(
-            f"training.checkpoint.save_dir: cannot create {root.parent}: {err.strerror}. Choose a writable location."
-        ) from None
 
 
 def _user() -> str:

@@ -24,7 +24,7 @@ from typing import Any
 
 from tsdia.config.schema import CheckpointConfig
 from tsdia.errors import CheckpointError
-from tsdia.training import checkpoint_store as store
+from tsdia.experiment import checkpoints as store
 from tsdia.training.distributed import barrier, broadcast_object
 
 logger = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class Checkpointer:
         final_path = self.save_dir / name
         if self.pending is not None and self.pending.name == name:
             return final_path
-        self.wait()  # at most one write in flight, committed in order
+        self.commit_pending()  # at most one write in flight, committed in order
         if final_path.exists():
             return final_path
         write = _Write(
@@ -99,7 +99,7 @@ class Checkpointer:
                 write.error = self._write_files(model, write.staging, final)
         self.pending = write
         if write.child is None:
-            self.wait()
+            self.commit_pending()
         self.blocked_s += time.perf_counter() - started
         return final_path
 
@@ -135,7 +135,7 @@ class Checkpointer:
                 os._exit(code)
         return pid
 
-    def wait(self) -> None:
+    def commit_pending(self) -> None:
         """Finish the pending write: wait for its writer, then commit it (collective)."""
         write, self.pending = self.pending, None
         if write is None:
