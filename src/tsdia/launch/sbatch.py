@@ -73,7 +73,10 @@ def submitit_parameters(res: SlurmResources, cwd: str) -> dict[str, Any]:
 
 
 def render_submitit_script(res: SlurmResources, cwd: str, python: str = sys.executable) -> str:
-    """The sbatch script `tsdia-submit` would submit, rendered by submitit itself (nothing is written)."""
+    """The sbatch script `tsdia-submit` would submit, rendered by submitit itself (nothing is written).
+
+    The one use of submitit's private `_make_sbatch_string` (what `SlurmExecutor` writes before `sbatch`);
+    tests/test_contracts.py checks it against the installed submitit."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     return str(
