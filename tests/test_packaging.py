@@ -81,6 +81,12 @@ def outside_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+def dependency_dirs() -> list[str]:
+    """The test environment's package directories (torch, pip, ...), none of which holds tsdia itself."""
+    dirs = [*site.getsitepackages(), *(p for p in sys.path if p.endswith(("site-packages", "dist-packages")))]
+    return [p for p in dict.fromkeys(dirs) if Path(p).is_dir() and not (Path(p) / "tsdia").exists()]
+
+
 @pytest.fixture(scope="module")
 def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     """`pip wheel` of a copy of the checkout, installed into a fresh venv."""
@@ -115,7 +121,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
         "python -m venv",
     )
     (site_dir,) = venv.glob("lib/python*/site-packages")
-    (site_dir / "test-environment.pth").write_text("".join(f"{p}\n" for p in site.getsitepackages()))
+    (site_dir / "test-environment.pth").write_text("".join(f"{p}\n" for p in dependency_dirs()))
     env = outside_env(root)
     install = subprocess.run(
         [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
