@@ -25,6 +25,8 @@ from conftest_slurm import TINY, assert_layout, run_submit
 PACKAGED_TEMPLATES = REPO / "src" / "tsdia" / "launch" / "templates"
 READABLE_TEMPLATES = REPO / "slurm" / "templates"
 PIP_WHEEL = [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "--no-index"]
+# --ignore-installed: a tsdia seen in the linked directories is neither uninstalled nor taken instead.
+PIP_INSTALL = ["-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed"]
 CONTAINER = ["slurm.container.image=/images/tsdia.sif", "slurm.container.runtime=apptainer"]
 
 
@@ -82,9 +84,10 @@ def outside_env(tmp_path: Path) -> dict[str, str]:
 
 
 def dependency_dirs() -> list[str]:
-    """The test environment's package directories (torch, pip, ...), none of which holds tsdia itself."""
+    """The test environment's package directories (torch, pip, ...). They come after the new venv's own
+    site-packages on its sys.path, so a tsdia installed in them (in an image) cannot shadow the wheel."""
     dirs = [*site.getsitepackages(), *(p for p in sys.path if p.endswith(("site-packages", "dist-packages")))]
-    return [p for p in dict.fromkeys(dirs) if Path(p).is_dir() and not (Path(p) / "tsdia").exists()]
+    return [p for p in dict.fromkeys(dirs) if Path(p).is_dir() and not Path(p).resolve().is_relative_to(REPO)]
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +127,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
     (site_dir / "test-environment.pth").write_text("".join(f"{p}\n" for p in dependency_dirs()))
     env = outside_env(root)
     install = subprocess.run(
-        [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--no-deps", "--no-index", str(wheel)],
+        [str(venv / "bin" / "python"), *PIP_INSTALL, str(wheel)],
         cwd=root,
         env=env,
         capture_output=True,
