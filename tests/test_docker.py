@@ -64,3 +64,10 @@ def test_image_installs_tsdia_as_users_do_and_renders_every_template(tsdia_image
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "FILE /opt/venv/lib/" in done.stdout, done.stdout
     assert done.stdout.count("OK ") == 4, done.stdout
+
+
+def test_entrypoint_trains_with_config_option(tsdia_image: Image) -> None:  # noqa: F811
+    # `IMAGE --config CONFIG ...` is tsdia-train (not pytest's options): a bad key is its usage error.
+    done = tsdia_image.run("--config", "configs/example.yml", "training.epochz=1")
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "tsdia-train: error: invalid config" in done.stderr and "epochz" in done.stderr, done.stderr
