@@ -46,6 +46,23 @@ def test_readable_templates_are_copies_of_the_packaged_ones() -> None:
         )
 
 
+def test_templates_env_replaces_the_packaged_templates(tmp_path: Path) -> None:
+    own = tmp_path / "templates"
+    own.mkdir()
+    (own / "single.sbatch").write_text(
+        "#!/bin/bash\n# site template\n{{ sbatch_options }}\nsrun {{ train_command }}\n"
+    )
+    env = {**quiet_env(tmp_path), "TSDIA_SBATCH_TEMPLATES": str(own)}
+    save = f"training.checkpoint.save_dir={tmp_path / 'exp'}"
+    done = run_submit(str(EXAMPLE), save, "--emit-sbatch", "single", cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("#!/bin/bash\n# site template\n#SBATCH --job-name=")
+    missing = run_submit(str(EXAMPLE), save, "--emit-sbatch", "requeue", cwd=tmp_path, env=env)
+    assert missing.returncode == 2
+    assert f"cannot read the sbatch template {own / 'requeue.sbatch'}" in missing.stderr
+    assert "TSDIA_SBATCH_TEMPLATES" in missing.stderr and "unset it" in missing.stderr
+
+
 @dataclass(frozen=True)
 class Installed:
     venv: Path

@@ -50,7 +50,7 @@ def config_and_overrides(parser: argparse.ArgumentParser, args: argparse.Namespa
         if positional and "=" not in positional[0]:
             parser.error(
                 f"the config file is given twice: {positional[0]!r} and --config {args.config_option!r}; "
-                "give one of them"
+                "give one of them (overrides are KEY=VALUE)"
             )
         args.config, args.overrides = args.config_option, positional
     elif positional:

@@ -25,9 +25,8 @@ from tsdia.errors import ConfigError
 from tsdia.launch.resources import SlurmResources
 
 TEMPLATE_KINDS = ("single", "multi", "requeue")
-TEMPLATES_ENV = (
-    "TSDIA_SBATCH_TEMPLATES"  # a directory of *.sbatch templates used instead of the packaged ones
-)
+# A directory of *.sbatch templates used instead of the packaged ones.
+TEMPLATES_ENV = "TSDIA_SBATCH_TEMPLATES"
 SUBMITIT_SIGNAL = "USR2"  # submitit's preemption/timeout signal (env SUBMITIT_PREEMPT_SIGNAL changes it)
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
