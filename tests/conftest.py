@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,16 @@ def tree(path: Path) -> dict[str, tuple[int, int]]:
 @pytest.fixture
 def small_args(tmp_path: Path) -> list[str]:
     return [*SMALL, f"training.checkpoint.save_dir={tmp_path / 'exp'}"]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """One line naming how many tests were skipped and why (e.g. without root: no Slurm cluster, no podman)."""
+    reasons: Counter[str] = Counter()
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+        reasons[reason.removeprefix("Skipped: ")] += 1
+    if reasons:
+        total = sum(reasons.values())
+        parts = "; ".join(f"{count} {reason}" for reason, count in reasons.most_common())
+        terminalreporter.write_line(f"skipped {total} test{'s' if total != 1 else ''}: {parts}", yellow=True)

@@ -45,7 +45,7 @@ class Image:
 def skip_reason() -> str | None:
     """Why the container tests cannot run here, or None."""
     if os.geteuid() != 0:
-        return "container tests need root (podman's storage is shared with the local Slurm cluster's jobs)"
+        return "no root: no podman (the image's storage is shared with the local Slurm cluster's jobs)"
     if shutil.which("podman") is None and shutil.which("apt-get") is None:
         return "no podman, and no apt-get to install it (docker/build.sh needs one)"
     return None

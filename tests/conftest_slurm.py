@@ -126,7 +126,7 @@ def slurm(*cmd: str) -> str:
 def slurm_cluster() -> None:
     """The local Slurm cluster of slurm/dev-cluster.sh (idempotent start; left running for other tests)."""
     if os.geteuid() != 0:
-        pytest.skip("slurm/dev-cluster.sh needs root")
+        pytest.skip("no root: no local Slurm cluster (slurm/dev-cluster.sh needs root)")
     done = subprocess.run(
         [str(DEV_CLUSTER), "start"], capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL
     )

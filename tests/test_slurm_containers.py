@@ -29,7 +29,12 @@ from conftest_slurm import (
 from tsdia.errors import CheckpointDirectoryExistsError
 from tsdia.launch.container import DRY_RUN_TOKEN
 
-pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
+pytestmark = [
+    pytest.mark.slurm,
+    pytest.mark.container,
+    pytest.mark.slow,
+    pytest.mark.usefixtures("slurm_cluster"),
+]
 
 
 def container_args(image: Image) -> list[str]:

@@ -1,4 +1,4 @@
-"""`tsdia-train CONFIG [KEY=VALUE ...]` (also `python -m tsdia.train`): parse, build, train."""
+"""`tsdia-train CONFIG [KEY=VALUE ...]` (or `--config CONFIG`; also `python -m tsdia.train`): parse, build, train."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Launching tsdia on Slurm: `tsdia-submit`, its sbatch scripts and the job that runs on every task.
 
 - `resources`: the `slurm` config section checked and turned into what Slurm is asked for.
-- `sbatch`: the sbatch text (submitit's script for `--dry-run`, the `slurm/templates/` for `--emit-sbatch`).
+- `sbatch`: the sbatch text (submitit's script for `--dry-run`, the packaged templates for `--emit-sbatch`).
 - `container`: container jobs (pyxis, apptainer, podman): the sbatch script that runs each task in an image.
 - `job`: the callable submitit runs on every task (a thin wrapper around `tsdia.train.run`).
 - `submit`: the `tsdia-submit` command line.

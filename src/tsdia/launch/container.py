@@ -1,7 +1,7 @@
 """Container jobs: the sbatch script that runs every task of a tsdia job inside `slurm.container.image`.
 
 submitit pickles a function for the host's Python, which a container cannot run, so a container job is a
-plain sbatch script (`slurm/templates/container.sbatch`), submitted with `sbatch --parsable`. Each srun task
+plain sbatch script (the packaged template `container.sbatch`), submitted with `sbatch --parsable`. Each srun task
 runs `tsdia-train SNAPSHOT OVERRIDES...` inside the image, through the runtime named by
 `slurm.container.runtime`:
 
@@ -127,8 +127,8 @@ def render_script(
         "exit_requeued": str(EXIT_REQUEUED),
         "runtime": spec.runtime,
     }
-    path = sbatch.templates_dir() / TEMPLATE
-    return sbatch.fill(sbatch.read_template(path), values, str(path))
+    template, where = sbatch.template_text(TEMPLATE)
+    return sbatch.fill(template, values, where)
 
 
 def _options(res: SlurmResources, cwd: str, log_options: list[tuple[str, str]]) -> list[str]:

@@ -1,4 +1,8 @@
-"""sbatch text: submitit's script (what `tsdia-submit` submits) and the `slurm/templates/` scripts.
+"""sbatch text: submitit's script (what `tsdia-submit` submits) and the packaged `templates/*.sbatch` scripts.
+
+The templates are package data (`tsdia/launch/templates/`, read with `importlib.resources`), so a wheel or
+`pip install .` finds them wherever it is installed; `slurm/templates/` in the repository is a byte-equal copy
+for readers (tests/test_packaging.py keeps them equal).
 
 Every config value placed in a script is shell-quoted with `shlex.quote` (sbatch parses `#SBATCH` lines
 with the same quoting rules), after `tsdia.launch.resources` refused values no quoting can make valid.
@@ -13,6 +17,7 @@ import re
 import shlex
 import sys
 from collections.abc import Sequence
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +25,8 @@ from tsdia.errors import ConfigError
 from tsdia.launch.resources import SlurmResources
 
 TEMPLATE_KINDS = ("single", "multi", "requeue")
-TEMPLATES_ENV = "TSDIA_SBATCH_TEMPLATES"  # a directory of *.sbatch templates used instead of slurm/templates/
+# A directory of *.sbatch templates used instead of the packaged ones.
+TEMPLATES_ENV = "TSDIA_SBATCH_TEMPLATES"
 SUBMITIT_SIGNAL = "USR2"  # submitit's preemption/timeout signal (env SUBMITIT_PREEMPT_SIGNAL changes it)
 _PLACEHOLDER = re.compile(r"\{\{\s*(\w+)\s*\}\}")
 
@@ -66,7 +72,10 @@ def submitit_parameters(res: SlurmResources, cwd: str) -> dict[str, Any]:
 
 
 def render_submitit_script(res: SlurmResources, cwd: str, python: str = sys.executable) -> str:
-    """The sbatch script `tsdia-submit` would submit, rendered by submitit itself (nothing is written)."""
+    """The sbatch script `tsdia-submit` would submit, rendered by submitit itself (nothing is written).
+
+    The one use of submitit's private `_make_sbatch_string` (what `SlurmExecutor` writes before `sbatch`);
+    tests/test_contracts.py checks it against the installed submitit."""
     from submitit.slurm.slurm import _make_sbatch_string
 
     return str(
@@ -78,12 +87,30 @@ def render_submitit_script(res: SlurmResources, cwd: str, python: str = sys.exec
     )
 
 
-def templates_dir() -> Path:
-    """`slurm/templates/` of the tsdia checkout (or `$TSDIA_SBATCH_TEMPLATES`)."""
+def template_text(name: str) -> tuple[str, str]:
+    """The text of template `name` (e.g. `single.sbatch`) and where it was read (for messages).
+
+    From `$TSDIA_SBATCH_TEMPLATES/<name>` when that is set, else from the package data."""
     override = os.environ.get(TEMPLATES_ENV)
     if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[3] / "slurm" / "templates"
+        path = Path(override) / name
+        try:
+            return path.read_text(), str(path)
+        except OSError as err:
+            raise ConfigError(
+                f"cannot read the sbatch template {path}: {err.strerror}. {TEMPLATES_ENV}={override} must be a "
+                f"directory holding {name}; unset it to use the templates installed with tsdia."
+            ) from None
+    resource = resources.files("tsdia.launch").joinpath("templates").joinpath(name)
+    where = f"tsdia/launch/templates/{name}"
+    try:
+        return resource.read_text(encoding="utf-8"), where
+    except OSError as err:
+        raise ConfigError(
+            f"cannot read the sbatch template {where} from the installed tsdia package: {err}. The "
+            "installation is incomplete (templates are package data): reinstall tsdia, or set "
+            f"{TEMPLATES_ENV} to a directory holding the templates."
+        ) from None
 
 
 def render_template(
@@ -94,7 +121,7 @@ def render_template(
     cwd: str,
     python: str = sys.executable,
 ) -> str:
-    """Fill `slurm/templates/<kind>.sbatch` from the resolved config: a script for plain `sbatch`."""
+    """Fill the `<kind>.sbatch` template from the resolved config: a script for plain `sbatch`."""
     if kind not in TEMPLATE_KINDS:
         raise ConfigError(
             f"--emit-sbatch: unknown template {kind!r}; choose one of {', '.join(TEMPLATE_KINDS)}."
@@ -104,8 +131,7 @@ def render_template(
             f"--emit-sbatch single: the config asks for slurm.nodes={res.nodes}; the single-node template runs "
             "on one node. Use --emit-sbatch multi (or requeue), or set slurm.nodes=1."
         )
-    path = templates_dir() / f"{kind}.sbatch"
-    template = read_template(path)
+    template, where = template_text(f"{kind}.sbatch")
     train = [python, "-m", "tsdia.train", os.path.abspath(config_path), *overrides]
     values = {
         "sbatch_options": "\n".join(_template_options(kind, res, cwd)),
@@ -113,17 +139,7 @@ def render_template(
         "train_command": " ".join(shlex.quote(arg) for arg in train),
         "signal": shlex.quote(SUBMITIT_SIGNAL),
     }
-    return fill(template, values, str(path))
-
-
-def read_template(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError as err:
-        raise ConfigError(
-            f"cannot read the sbatch template {path}: {err.strerror}. The templates live in the tsdia "
-            f"checkout's slurm/templates/; set {TEMPLATES_ENV} to a directory holding them."
-        ) from None
+    return fill(template, values, where)
 
 
 def fill(template: str, values: dict[str, str], name: str = "template") -> str:

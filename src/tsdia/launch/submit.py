@@ -1,10 +1,10 @@
-"""`tsdia-submit CONFIG [KEY=VALUE ...]`: check, claim the experiment directory, and submit the job to Slurm.
+"""`tsdia-submit CONFIG [KEY=VALUE ...]` (or `--config CONFIG`): check, claim the experiment directory, and submit the job to Slurm.
 
     tsdia-submit CONFIG [KEY=VALUE ...]           submit; print the job id, the experiment and its logs
         --wait                                    ... and block until the job ends (requeues included)
         --dry-run                                 print the sbatch script; write and submit nothing
         --local                                   run the same job on this machine, without Slurm
-        --emit-sbatch [single|multi|requeue]      print a plain sbatch script (slurm/templates/) for `sbatch`
+        --emit-sbatch [single|multi|requeue]      print a plain sbatch script (a filled template) for `sbatch`
 
 With `slurm.container.image` set, the job is a plain sbatch script that runs each task in the image
 (`tsdia.launch.container`); the claim, the messages and `--wait` are the same.
@@ -34,7 +34,7 @@ from tsdia.fileio import atomic_write_text
 from tsdia.launch import container, sbatch
 from tsdia.launch.job import TrainJob
 from tsdia.launch.resources import SlurmResources, check_line, resolve
-from tsdia.parse_args import build_arg_parser
+from tsdia.parse_args import build_arg_parser, config_and_overrides
 from tsdia.slurm_commands import is_job_active, wait_for_job
 
 PROG = "tsdia-submit"
@@ -58,7 +58,7 @@ def build_parser() -> Any:
         nargs="?",
         const="auto",
         metavar="KIND",
-        help="print a filled slurm/templates/KIND.sbatch (single, multi or requeue; default: by slurm.nodes)",
+        help="print a filled KIND.sbatch template (single, multi or requeue; default: by slurm.nodes)",
     )
     return parser
 
@@ -70,7 +70,7 @@ def parse(argv: Sequence[str]) -> Any:
         if arg == "--emit-sbatch" and (i + 1 == len(argv) or argv[i + 1] not in sbatch.TEMPLATE_KINDS):
             argv[i] = "--emit-sbatch=auto"
     parser = build_parser()
-    args = parser.parse_intermixed_args(argv)
+    args = config_and_overrides(parser, parser.parse_intermixed_args(argv))
     modes = [m for m in ("dry_run", "local", "emit_sbatch") if getattr(args, m)]
     if len(modes) > 1 or (args.wait and (args.dry_run or args.emit_sbatch)):
         parser.error("choose one of --dry-run, --local, --emit-sbatch (--wait goes with a real submit)")
@@ -161,7 +161,7 @@ def submit_container(
     config: Config, res: SlurmResources, config_path: str, overrides: Sequence[str], cwd: str, wait: bool
 ) -> int:
     """A container job: the same claim, snapshot, messages and --wait as `submit_slurm`, but the script is
-    `slurm/templates/container.sbatch` (see `tsdia.launch.container`), submitted with `sbatch --parsable`."""
+    the `container.sbatch` template (see `tsdia.launch.container`), submitted with `sbatch --parsable`."""
     _require_slurm()
     assert res.container is not None
     claim = claims.claim_for_submit(

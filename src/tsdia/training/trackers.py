@@ -10,6 +10,7 @@ import json
 import logging
 import netrc
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -62,6 +63,16 @@ def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def add_summaries(writer: Any, summaries: Sequence[Any]) -> None:
+    """Write raw `Summary` protos (the hparams plugin's) into `writer`'s own event file.
+
+    torch's public `SummaryWriter.add_hparams` writes them into a new sub-run directory instead, so this is
+    the one use of the private `SummaryWriter._get_file_writer()` (tests/test_contracts.py checks it)."""
+    file_writer = writer._get_file_writer()
+    for summary in summaries:
+        file_writer.add_summary(summary)
+
+
 class TensorBoardTracker:
     """Scalars, flattened hparams and the full YAML config in `<save_dir>/tensorboard/`."""
 
@@ -78,9 +89,7 @@ class TensorBoardTracker:
         if not resuming:
             self.writer.add_text("config", f"```yaml\n{config_yaml}\n```", 0)
             experiment, session_start, session_end = hparams(flatten(config), {"val_loss": float("nan")})
-            file_writer = self.writer._get_file_writer()
-            for summary in (experiment, session_start, session_end):
-                file_writer.add_summary(summary)
+            add_summaries(self.writer, (experiment, session_start, session_end))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for name, value in metrics.items():
