@@ -70,7 +70,15 @@ def test_fast_tier_has_no_slurm_container_multiprocess_or_wheel_test() -> None:
     assert done.returncode == 0, done.stdout + done.stderr
     collected = [line for line in done.stdout.splitlines() if "::" in line]
     assert len(collected) > 100
-    heavy = ("test_slurm_", "test_docker", "test_distributed", "test_training", "test_crash_consistency")
+    heavy = (
+        "test_slurm_cluster",
+        "test_slurm_preemption",
+        "test_slurm_containers",
+        "test_docker",
+        "test_distributed",
+        "test_training",
+        "test_crash_consistency",
+    )
     assert not [t for t in collected if t.startswith(tuple(f"tests/{h}" for h in heavy))]
     assert (
         "tests/test_packaging.py::test_wheel_installed_elsewhere_trains_and_renders_every_script"
