@@ -1,12 +1,14 @@
 """Print the requirements a pyproject.toml declares, one per line, without building the project.
 
-Used by the image builds to install dependencies in a layer that depends only on pyproject.toml,
-so that a change under src/ does not reinstall them.
+Used by docker/Dockerfile and docker/Dockerfile.cpu to install the dependencies in a layer that depends only
+on pyproject.toml, so that a change under src/ does not reinstall them (tsdia itself is installed after,
+with a plain `pip install .`).
 
     python pyproject_deps.py pyproject.toml [EXTRA[,EXTRA...] ...]
 
 Prints build-system.requires, project.dependencies and the named optional-dependencies
-(extras that name the project itself, like ``dev = ["tsdia[deepspeed]"]``, are expanded).
+(an extra that names the project itself, such as ``all = ["tsdia[dev]"]``, is expanded into the
+requirements of the extras it names).
 """
 
 from __future__ import annotations

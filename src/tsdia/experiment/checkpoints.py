@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tsdia.errors import CheckpointError
+from tsdia.experiment.layout import STORE_DIR
 from tsdia.fileio import atomic_symlink, atomic_write_text, fsync_dir, remove_tree
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ logger = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.json"
 BEST_LINK = "best_checkpoint"
-STORE_DIR = "checkpoints"  # staging area and index; named checkpoints live beside it
+
 STAGING_PREFIX = ".incomplete-"
 _NAME = re.compile(r"^checkpoint-epoch(\d+)-step(\d+)$")
 
