@@ -20,6 +20,7 @@ from tsdia.training import checkpoint_store as store
 from tsdia.training.artifacts import full_config_dict, hyperparameters, model_summary
 from tsdia.training.checkpointing import Checkpointer
 from tsdia.training.components import build_optimizer, build_scheduler
+from tsdia.training.data import shutdown_workers
 from tsdia.training.distributed import barrier, broadcast_object, build_accelerator, deepspeed_config
 from tsdia.training.preemption import PreemptionWatcher, plan_after_stop, requeue_job
 from tsdia.training.session import ExperimentSession, decide_on_rank_zero
@@ -221,6 +222,7 @@ class Trainer:
         else:
             last_saved = self.save_checkpoint({})
         self.checkpointer.wait()  # a background write still in flight is committed before we return
+        shutdown_workers(train_dl, val_dl)  # persistent DataLoader workers outlive the loop; not the save
         best = Path(self.session.save_dir) / store.BEST_LINK
         return TrainResult(
             save_dir=str(self.session.save_dir),
