@@ -113,12 +113,26 @@ def test_worker_options_need_workers() -> None:
     raw["training"]["dataloader"] = {"persistent_workers": True}  # type: ignore[index]
     with pytest.raises(ConfigError, match=r"persistent_workers: True needs .* training\.num_workers is 0"):
         config_from_dict(raw, source)
+    raw["training"]["dataloader"] = {"sample_rngs": ["torch", "jax"]}  # type: ignore[index]
+    with pytest.raises(ConfigError, match=r"sample_rngs: unknown RNG 'jax'; .* torch, random, numpy"):
+        config_from_dict(raw, source)
 
 
 def test_drop_last_that_drops_everything_is_refused() -> None:
     train_set, _ = build_datasets(num_train=4, num_val=4, num_frames=20)
     with pytest.raises(ConfigError, match="drop_last: true drops every batch"):
         build_dataloaders(train_set, None, _training(0, drop_last=True))
+
+
+def test_iterable_dataset_is_loaded_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    class Stream(torch.utils.data.IterableDataset[int]):
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            return iter(range(10))
+
+    with caplog.at_level("WARNING", logger="tsdia.training.data"):
+        loader, _ = build_dataloaders(Stream(), None, _training(0))
+    assert "exact resume is NOT claimed" in caplog.text
+    assert [int(x) for batch in loader for x in batch] == list(range(10))
 
 
 # --- real training runs -------------------------------------------------------------------------------

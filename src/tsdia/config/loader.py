@@ -83,11 +83,18 @@ def config_from_dict(raw: dict[str, Any], source: ConfigSource) -> Config:
 
 
 def _dataloader_errors(config: Config, source: ConfigSource) -> list[str]:
-    """Worker-only DataLoader options are refused without workers (PyTorch would raise mid-start-up)."""
+    """Unknown RNG names; worker-only DataLoader options without workers (PyTorch would raise at start-up)."""
     training = config.training
-    if training.num_workers > 0:
-        return []
     errors = []
+    unknown = sorted(set(training.dataloader.sample_rngs) - {"torch", "random", "numpy"})
+    if unknown:
+        key_path = "training.dataloader.sample_rngs"
+        errors.append(
+            f"{source.where(key_path)}: {key_path}: unknown RNG {', '.join(map(repr, unknown))}; "
+            "tsdia seeds these global RNGs per sample: torch, random, numpy."
+        )
+    if training.num_workers > 0:
+        return errors
     for key, inert in (("persistent_workers", False), ("prefetch_factor", None)):
         value = getattr(training.dataloader, key)
         if value != inert:

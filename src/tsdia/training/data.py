@@ -78,7 +78,8 @@ def _loader(
         )
         return DataLoader(dataset, sampler=sampler, **kwargs)
     keys = SampleKeySampler(size, config.seed + stream, shuffle=shuffle, follow_epochs=training)
-    return DataLoader(SeededSamples(dataset, config.seed, stream), sampler=keys, **kwargs)
+    seeded = SeededSamples(dataset, config.seed, stream, rngs=options.sample_rngs)
+    return DataLoader(seeded, sampler=keys, **kwargs)
 
 
 def shutdown_workers(*loaders: Any) -> None:

@@ -17,8 +17,8 @@ ready `torch.Generator` from `sample_generator()`.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
@@ -45,9 +45,21 @@ def _mix64(value: int) -> int:
     return value ^ (value >> 31)
 
 
+def _stream_base(seed: int, stream: int) -> int:
+    return _mix64((seed << 1) | stream)
+
+
 def seed_of(seed: int, stream: int, epoch: int, index: int) -> int:
-    """The 64-bit seed of one sample: the same in every process, worker and attempt."""
-    return _mix64(_mix64(_mix64((seed << 1) | stream) ^ epoch) ^ index)
+    """The 64-bit seed of one sample: the same in every process, worker and attempt.
+
+    Distinct for every (epoch, index) below 2**24 epochs and 2**40 samples; one mixing round per
+    sample (the stream's part is computed once), as this runs for every sample loaded.
+    """
+    return _key_seed(_stream_base(seed, stream), epoch, index)
+
+
+def _key_seed(base: int, epoch: int, index: int) -> int:
+    return _mix64(base ^ ((epoch << 40) | index))
 
 
 def sample_seed() -> int:
@@ -69,30 +81,35 @@ def sample_generator(device: str | torch.device = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(_mix64(sample_seed() ^ 0x5DEECE66D))
 
 
-def _seed_global_rngs(seed: int) -> None:
-    # Each library gets different bits: torch and numpy both use MT19937, and one 32-bit seed for both
-    # would make their streams equal.
-    torch.default_generator.manual_seed(seed & 0xFFFFFFFF)
-    random.seed(seed)
-    if numpy is not None:
-        numpy.random.seed(seed >> 32)
+class _GlobalRng(NamedTuple):
+    """How to seed, save and restore one library's global RNG."""
+
+    seed: Callable[[int], Any]
+    save: Callable[[], Any]
+    restore: Callable[[Any], Any]
 
 
-def _capture_global_rngs() -> tuple[Any, ...]:
-    legacy_numpy = numpy.random.mtrand._rand if numpy is not None else None
-    return (
-        torch.default_generator.get_state(),
-        random.getstate(),
-        legacy_numpy.get_state() if legacy_numpy is not None else None,
-    )
+def _numpy_rng() -> _GlobalRng:
+    legacy = numpy.random.mtrand._rand  # the RandomState behind numpy.random.* functions
+    return _GlobalRng(lambda seed: legacy.seed(seed >> 32), legacy.get_state, legacy.set_state)
 
 
-def _restore_global_rngs(states: tuple[Any, ...]) -> None:
-    torch_state, random_state, numpy_state = states
-    torch.default_generator.set_state(torch_state)
-    random.setstate(random_state)
-    if numpy is not None and numpy_state is not None:
-        numpy.random.mtrand._rand.set_state(numpy_state)
+# Each library gets different bits of the sample's seed: torch and numpy both use MT19937, and one
+# 32-bit seed for both would make their streams equal.
+GLOBAL_RNGS: dict[str, Callable[[], _GlobalRng]] = {
+    "torch": lambda: _GlobalRng(
+        lambda seed: torch.default_generator.manual_seed(seed & 0xFFFFFFFF),
+        torch.default_generator.get_state,
+        torch.default_generator.set_state,
+    ),
+    "random": lambda: _GlobalRng(random.seed, random.getstate, random.setstate),
+    "numpy": _numpy_rng,
+}
+
+
+def global_rngs(names: Sequence[str]) -> list[_GlobalRng]:
+    """The named global RNGs (numpy's is skipped when numpy is not installed)."""
+    return [GLOBAL_RNGS[name]() for name in names if not (name == "numpy" and numpy is None)]
 
 
 class SampleKeySampler(Sampler[tuple[int, int]]):
@@ -133,8 +150,15 @@ class SeededSamples(Dataset[Any]):
     (`__getitems__`), so in the main process the RNG states are saved and restored once per batch.
     """
 
-    def __init__(self, dataset: Dataset[Any], seed: int, stream: int) -> None:
-        self.dataset, self.seed, self.stream = dataset, seed, stream
+    def __init__(
+        self, dataset: Dataset[Any], seed: int, stream: int, rngs: Sequence[str] = tuple(GLOBAL_RNGS)
+    ) -> None:
+        self.dataset, self.seed, self.stream, self.rngs = dataset, seed, stream, tuple(rngs)
+        self._base = _stream_base(seed, stream)
+        self._global_rngs: list[_GlobalRng] | None = None  # built in the loading process (not pickled)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_global_rngs": None}
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -144,17 +168,24 @@ class SeededSamples(Dataset[Any]):
 
     def __getitems__(self, keys: Sequence[tuple[int, int]]) -> list[Any]:
         global _current_seed
+        if self._global_rngs is None:
+            self._global_rngs = global_rngs(self.rngs)
+        rngs = self._global_rngs
+        seeders = [rng.seed for rng in rngs]
         # In a worker the RNGs belong to us; in the main process dropout and the user's own code draw from
         # them too, so their states must come out of loading exactly as they went in.
-        saved = _capture_global_rngs() if get_worker_info() is None else None
+        saved = [rng.save() for rng in rngs] if get_worker_info() is None else None
         samples = []
+        base, dataset = self._base, self.dataset
         try:
             for epoch, index in keys:
-                _current_seed = seed_of(self.seed, self.stream, epoch, index)
-                _seed_global_rngs(_current_seed)
-                samples.append(self.dataset[index])
+                _current_seed = seed = _key_seed(base, epoch, index)
+                for seed_rng in seeders:
+                    seed_rng(seed)
+                samples.append(dataset[index])
         finally:
             _current_seed = None
             if saved is not None:
-                _restore_global_rngs(saved)
+                for rng, state in zip(rngs, saved, strict=True):
+                    rng.restore(state)
         return samples
