@@ -23,6 +23,7 @@ if [[ "$QUICK" == 1 ]]; then
     RESUME_ARGS=(--runs 3)
     SUBMIT_ARGS=(--runs 7)
     BLOCKING_ARGS=(--rounds 2)
+    SEEDING_ARGS=(--samples 1024 --epochs 1)
 else
     TRAINER_ARGS=(--runs 3)
     TEE_ARGS=(--runs 7)
@@ -30,6 +31,7 @@ else
     RESUME_ARGS=(--runs 4)
     SUBMIT_ARGS=(--runs 15)
     BLOCKING_ARGS=()
+    SEEDING_ARGS=(--samples 2048 --epochs 2)
 fi
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //'), " \
@@ -65,6 +67,7 @@ run preemption_reaction "${PREEMPT_ARGS[@]}"
 run resume_startup "${RESUME_ARGS[@]}"
 run submit_latency "${SUBMIT_ARGS[@]}"
 run checkpoint_blocking "${BLOCKING_ARGS[@]}"
+run dataloader_seeding "${SEEDING_ARGS[@]}"
 
 echo
 echo "=== summary ($((SECONDS - TOTAL_START)) s; load average now $(cut -d' ' -f1-3 /proc/loadavg)) ==="

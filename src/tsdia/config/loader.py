@@ -75,10 +75,35 @@ def config_from_dict(raw: dict[str, Any], source: ConfigSource) -> Config:
         if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
             where = source.where("training.optimizer.betas")
             errors.append(f"{where}: training.optimizer.betas: expected two values in [0, 1), got {betas}.")
+        errors.extend(_dataloader_errors(config, source))
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     config.source = source
     return config
+
+
+def _dataloader_errors(config: Config, source: ConfigSource) -> list[str]:
+    """Unknown RNG names; worker-only DataLoader options without workers (PyTorch would raise at start-up)."""
+    training = config.training
+    errors = []
+    unknown = sorted(set(training.dataloader.sample_rngs) - {"torch", "random", "numpy"})
+    if unknown:
+        key_path = "training.dataloader.sample_rngs"
+        errors.append(
+            f"{source.where(key_path)}: {key_path}: unknown RNG {', '.join(map(repr, unknown))}; "
+            "tsdia seeds these global RNGs per sample: torch, random, numpy."
+        )
+    if training.num_workers > 0:
+        return errors
+    for key, inert in (("persistent_workers", False), ("prefetch_factor", None)):
+        value = getattr(training.dataloader, key)
+        if value != inert:
+            key_path = f"training.dataloader.{key}"
+            errors.append(
+                f"{source.where(key_path)}: {key_path}: {value} needs DataLoader workers, but "
+                f"training.num_workers is 0; set training.num_workers > 0 or remove {key_path}."
+            )
+    return errors
 
 
 def _build(cls: type, raw: Any, path: str, source: ConfigSource, errors: list[str]) -> Any:

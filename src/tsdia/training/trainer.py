@@ -22,6 +22,7 @@ from tsdia.training.artifacts import full_config_dict, hyperparameters, model_su
 from tsdia.training.attempt import Attempt, decide_on_rank_zero
 from tsdia.training.checkpointer import Checkpointer
 from tsdia.training.components import build_optimizer, build_scheduler
+from tsdia.training.data import shutdown_workers
 from tsdia.training.distributed import barrier, broadcast_object, build_accelerator, deepspeed_config
 from tsdia.training.preemption import PreemptionWatcher, plan_after_stop
 from tsdia.training.trackers import Trackers
@@ -252,6 +253,7 @@ class Trainer:
         else:
             last_saved = self.save_checkpoint({})
         self.checkpointer.commit_pending()  # a background write still in flight is committed before we return
+        shutdown_workers(train_dl, val_dl)  # persistent DataLoader workers outlive the loop; not the save
         best = self.attempt.save_dir / store.BEST_LINK
         return TrainResult(
             save_dir=str(self.attempt.save_dir),
