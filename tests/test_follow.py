@@ -8,12 +8,14 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from conftest import REPO, SMALL, quiet_env, run_train, tree
+from tsdia.errors import TsdiaError
 from tsdia.experiment import checkpoints as store
 from tsdia.experiment.attempts import AttemptRecord, record_attempt
 from tsdia.experiment.layout import LOCK_FILE, write_owner
@@ -172,7 +174,6 @@ def test_logs_print_and_follow_across_attempts(tmp_path: Path) -> None:
 
     ended = {"now": False}
     out_path = tmp_path / "followed.txt"
-    import threading
 
     def writer() -> None:
         time.sleep(0.3)
@@ -202,6 +203,23 @@ def test_logs_print_and_follow_across_attempts(tmp_path: Path) -> None:
         and "no attempt 7" in missing.stderr
         and "attempts with logs: 0, 1" in missing.stderr
     )
+    queued = tmp_path / "queued"  # followed right after the submit: no log yet, -f waits for it
+    (queued / "logs").mkdir(parents=True)
+    write_owner(queued, {"claim_token": "t", "job_id": None, "executor": "local"})
+    started = {"now": False}
+
+    def start() -> None:
+        (queued / "logs" / "training_20261130_030000.log").write_text("started\n")
+        started["now"] = True
+
+    threading.Timer(0.3, start).start()
+    with open(tmp_path / "waited.txt", "w") as out:
+        follow_logs.follow(queued, out=out, ended=lambda _: started["now"], poll_s=0.05)
+    assert (tmp_path / "waited.txt").read_text() == "==> training_20261130_030000.log <==\nstarted\n"
+    never = tmp_path / "never"
+    (never / "logs").mkdir(parents=True)
+    with open(tmp_path / "never.txt", "w") as out, pytest.raises(TsdiaError, match="no log for rank 0 yet"):
+        follow_logs.follow(never, out=out, ended=lambda _: True, poll_s=0.05)
     not_exp = tsdia("logs", str(tmp_path), cwd=tmp_path)
     assert not_exp.returncode == 2 and "not a tsdia experiment" in not_exp.stderr
 

@@ -56,6 +56,13 @@ def follow(
 ) -> None:
     """Print the log and keep printing what is appended; move on to the next attempt's log when a requeue
     creates it; return once the job has ended (Slurm) or the run has exited (local) and nothing more came."""
+    if not is_experiment(root):
+        raise TsdiaError(f"{root} is not a tsdia experiment (no logs/, config.yml or owner record).")
+    if attempt is None and not attempt_logs(root, rank):
+        # Followed right after the submit: wait for the job to start and create its log.
+        print(f"waiting for {root}'s run to start...", file=sys.stderr, flush=True)
+        while not attempt_logs(root, rank) and not ended(root):
+            time.sleep(poll_s)
     log = pick_log(root, rank, attempt)
     out.write(f"==> {log.path.name} <==\n")
     position = 0

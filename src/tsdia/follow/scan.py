@@ -12,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from tsdia.experiment.attempts import AttemptRecord, read_attempts
-from tsdia.experiment.checkpoints import BEST_LINK, MANIFEST, complete_checkpoints, read_manifest
+from tsdia.experiment.checkpoints import BEST_LINK, INDEX_FILE, MANIFEST, complete_checkpoints, read_manifest
 from tsdia.experiment.layout import (
-    CONFIG_FILE,
     LOCK_FILE,
     LOGS_DIR,
     RANK_LOGS_DIR,
+    STORE_DIR,
     is_experiment,
     read_owner,
 )
@@ -134,15 +134,7 @@ def read_experiment(root: Path) -> OnDisk:
         attempts=read_attempts(root),
         logs=attempt_logs(root),
     )
-    info.best_metric = _best_metric(root)
-    best = root / BEST_LINK
-    if best.is_symlink():
-        manifest = read_manifest(best)
-        if manifest is not None and info.best_metric in manifest.metrics:
-            info.best = (manifest.metrics[info.best_metric], manifest.step)
-    checkpoints = complete_checkpoints(root)
-    if checkpoints:
-        info.last_checkpoint_mtime = (checkpoints[-1][0] / MANIFEST).stat().st_mtime
+    _read_checkpoints(info)
     with contextlib.suppress(OSError):
         info.lock_holder = (root / LOCK_FILE).read_text().strip()
     try:
@@ -163,11 +155,26 @@ def unsynced_wandb_runs(root: Path) -> list[Path]:
     return [run for run in offline_wandb_runs(root) if not any(run.glob("*.synced"))]
 
 
-def _best_metric(root: Path) -> str:
+def _read_checkpoints(info: OnDisk) -> None:
+    """Best metric and newest checkpoint, from `checkpoints/index.json` (rewritten with every checkpoint),
+    else from the manifests themselves (slower: every checkpoint's files are checked)."""
+    root = info.root
     try:
-        import yaml
-
-        data = yaml.safe_load((root / CONFIG_FILE).read_text()) or {}
-        return str(data.get("training", {}).get("checkpoint", {}).get("best_metric") or "val_loss")
-    except Exception:  # a missing or odd config only changes which metric is shown
-        return "val_loss"
+        index = json.loads((root / STORE_DIR / INDEX_FILE).read_text())
+        entries = {c["name"]: c for c in index["checkpoints"]}
+        info.best_metric = index.get("best_metric") or info.best_metric
+        best, latest = entries.get(index.get("best") or ""), index.get("latest")
+        if best is not None and info.best_metric in best.get("metrics", {}):
+            info.best = (float(best["metrics"][info.best_metric]), int(best["step"]))
+        if latest:
+            info.last_checkpoint_mtime = (root / latest / MANIFEST).stat().st_mtime
+        return
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    checkpoints = complete_checkpoints(root)
+    if checkpoints:
+        info.last_checkpoint_mtime = (checkpoints[-1][0] / MANIFEST).stat().st_mtime
+    best_link = root / BEST_LINK
+    manifest = read_manifest(best_link) if best_link.is_symlink() else None
+    if manifest is not None and info.best_metric in manifest.metrics:
+        info.best = (manifest.metrics[info.best_metric], manifest.step)
