@@ -36,7 +36,7 @@ FINAL_STATES = frozenset(
 # Final-looking states that a requeue may still follow: believed only after they last this long.
 MAYBE_REQUEUED = frozenset({"NODE_FAIL", "PREEMPTED"})
 _SETTLE_S = 15.0
-_ACTIVE_STATES = frozenset(
+ACTIVE_STATES = frozenset(
     {
         "PENDING",
         "RUNNING",
@@ -80,7 +80,7 @@ def job_state(job_id: str, run: Runner = _run) -> tuple[str, str]:
 
 def is_job_active(job_id: str, run: Runner = _run) -> bool:
     """True while the job is queued, running or waiting to be requeued."""
-    return job_state(job_id, run)[0] in _ACTIVE_STATES
+    return job_state(job_id, run)[0] in ACTIVE_STATES
 
 
 def wait_for_job(
@@ -184,7 +184,7 @@ def query_jobs(job_ids: Sequence[str], run: Runner = _run) -> dict[str, JobInfo]
     wanted = {str(j) for j in job_ids}
     if not wanted:
         return {}
-    out = run(["squeue", "-h", "--me", "-o", "%i|%T|%r"])
+    out = run(["squeue", "-h", "-r", "--me", "-o", "%i|%T|%r"])  # -r: one line per array task
     if out is None:
         return None
     jobs: dict[str, JobInfo] = {}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -17,20 +18,35 @@ from tsdia.errors import ConfigError
 
 def load_config(path: str, overrides: typing.Sequence[str] = ()) -> Config:
     """Read, override and validate a config file. Raises `ConfigError` listing every problem found."""
-    text = read_config_text(path)
-    positions: dict[str, str] = {}
-    raw = parse_yaml(text, path, positions=positions)
-    if raw is None:
-        raise ConfigError(f"{path}: the config file is empty. Start from configs/example.yml.")
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{path}:1: the top level must be a mapping with sections model, dataset, training, ...; "
-            f"got a {type(raw).__name__}."
+    return ConfigTemplate(path).with_overrides(overrides)
+
+
+class ConfigTemplate:
+    """A config file read and parsed once, to build several configs from it (a sweep's members)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.text = read_config_text(path)
+        self.positions: dict[str, str] = {}
+        raw = parse_yaml(self.text, path, positions=self.positions)
+        if raw is None:
+            raise ConfigError(f"{path}: the config file is empty. Start from configs/example.yml.")
+        if not isinstance(raw, dict):
+            raise ConfigError(
+                f"{path}:1: the top level must be a mapping with sections model, dataset, training, ...; "
+                f"got a {type(raw).__name__}."
+            )
+        self.raw: dict[str, Any] = raw
+
+    def with_overrides(self, overrides: typing.Sequence[str] = ()) -> Config:
+        """The validated config with `overrides` applied (the parsed file is left as it was)."""
+        raw, positions = copy.deepcopy(self.raw), dict(self.positions)
+        for override in overrides:
+            apply_override(raw, override, positions)
+        source = ConfigSource(
+            path=self.path, text=self.text, overrides=list(overrides), raw=raw, positions=positions
         )
-    for override in overrides:
-        apply_override(raw, override, positions)
-    source = ConfigSource(path=path, text=text, overrides=list(overrides), raw=raw, positions=positions)
-    return config_from_dict(raw, source)
+        return config_from_dict(raw, source)
 
 
 def apply_override(raw: dict[str, Any], override: str, positions: dict[str, str]) -> None:

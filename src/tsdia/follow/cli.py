@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     logs.add_argument("-f", "--follow", action="store_true", help="follow across requeues until the job ends")
     logs.add_argument("--rank", type=int, default=0, help="whose log (default: rank 0)")
     logs.add_argument("--attempt", type=int, help="attempt N (0: the first; default: the newest)")
+    logs.add_argument("--member", help="with a sweep directory: the member's name (its directory)")
 
     sync = commands.add_parser("sync", help="upload the offline WandB runs of experiments")
     sync.add_argument("directories", nargs="+", help="experiment directories")
@@ -50,7 +51,7 @@ def run(argv: Sequence[str]) -> int:
     if args.command == "logs":
         from tsdia.follow import logs
 
-        root = Path(args.directory)
+        root = logs.resolve_member(Path(args.directory), args.member)
         if args.follow:
             logs.follow(root, args.rank, args.attempt)
         else:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TextIO
 
 from tsdia.errors import TsdiaError
-from tsdia.experiment.layout import is_experiment
+from tsdia.experiment.layout import SWEEP_FILE, is_experiment
 from tsdia.follow.scan import AttemptLog, attempt_logs, read_experiment
 from tsdia.slurm_commands import FINAL_STATES, MAYBE_REQUEUED, job_state
 
@@ -31,6 +31,25 @@ def pick_log(root: Path, rank: int, attempt: int | None) -> AttemptLog:
             return log
     have = ", ".join(str(log.index) for log in logs)
     raise TsdiaError(f"{root} has no attempt {attempt} for rank {rank}; attempts with logs: {have}.")
+
+
+def resolve_member(root: Path, member: str | None) -> Path:
+    """A sweep directory names one of its members: `--member NAME`, or asked for on a terminal."""
+    if not (root / SWEEP_FILE).is_file():
+        if member is not None:
+            raise TsdiaError(f"--member {member}: {root} is not a sweep directory (no {SWEEP_FILE}).")
+        return root
+    names = sorted(p.name for p in root.iterdir() if p.is_dir() and is_experiment(p))
+    if member is None and sys.stdin.isatty() and names:
+        for i, name in enumerate(names):
+            print(f"  [{i}] {name}", file=sys.stderr)
+        answer = input(f"{root} is a sweep: which member? [0-{len(names) - 1}] ").strip()
+        member = names[int(answer)] if answer.isdigit() and int(answer) < len(names) else answer
+    if member not in names:
+        listed = ", ".join(names) or "none yet"
+        why = "choose one with --member NAME" if member is None else f"it has no member {member!r}"
+        raise TsdiaError(f"{root} is a sweep directory: {why}. Members: {listed}.")
+    return root / member
 
 
 def run_ended(root: Path) -> bool:

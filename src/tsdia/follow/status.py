@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tsdia.experiment.layout import SWEEP_FILE
 from tsdia.follow.scan import OnDisk, find_experiments, read_experiment
 from tsdia.slurm_commands import JobInfo, Runner, _run, query_jobs
 
@@ -45,6 +46,7 @@ class Row:
     last_checkpoint_age_s: float | None
     wandb: str
     updated: float | None  # when the experiment last changed (progress record or newest log)
+    sweep: str | None = None  # the sweep directory this experiment is a member of
 
     @property
     def progress(self) -> float | None:
@@ -87,6 +89,7 @@ def _row(e: OnDisk, slurm: dict[str, JobInfo] | None, now: float) -> Row:
         last_checkpoint_age_s=now - e.last_checkpoint_mtime if e.last_checkpoint_mtime else None,
         wandb=_wandb(e),
         updated=updated,
+        sweep=str(e.root.parent) if (e.root.parent / SWEEP_FILE).is_file() else None,
     )
 
 
@@ -170,8 +173,13 @@ def format_table(rows: list[Row], base: Path | None = None) -> str:
     """The table people read (`--json` has the same data)."""
     header = ["experiment", "state", "step", "progress", "ETA", "attempts", "best", "last ckpt", "wandb"]
     lines = [header]
+    sweep = None
     for r in rows:
-        name = _relative(r.experiment, base)
+        if r.sweep != sweep and r.sweep is not None:  # members are listed under their sweep
+            members = sum(1 for other in rows if other.sweep == r.sweep)
+            lines.append([f"{_relative(r.sweep, base)}/ (sweep, {members} members)", *[""] * 8])
+        sweep = r.sweep
+        name = _relative(r.experiment, base) if r.sweep is None else "  " + Path(r.experiment).name
         step = f"{r.step}/{r.total_steps}" if r.step is not None else "-"
         progress = f"{r.progress:.0%}" if r.progress is not None else "-"
         best = f"{r.best_metric} {r.best[0]:.4g} @ {int(r.best[1])}" if r.best else "-"

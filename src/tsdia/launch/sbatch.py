@@ -65,17 +65,19 @@ def submitit_parameters(res: SlurmResources, cwd: str) -> dict[str, Any]:
     return params
 
 
-def render_submitit_script(res: SlurmResources, cwd: str, python: str = sys.executable) -> str:
-    """The sbatch script `tsdia-submit` would submit, rendered by submitit itself (nothing is written)."""
+def render_submitit_script(
+    res: SlurmResources, cwd: str, python: str = sys.executable, array: tuple[int, int] | None = None
+) -> str:
+    """The sbatch script `tsdia-submit` would submit, rendered by submitit itself (nothing is written).
+
+    `array=(N, P)` renders a job array of N tasks, at most P running at once (a sweep).
+    """
     from submitit.slurm.slurm import _make_sbatch_string
 
-    return str(
-        _make_sbatch_string(
-            command=submitit_command(res.folder, python),
-            folder=res.folder,
-            **submitit_parameters(res, cwd),
-        )
-    )
+    params = submitit_parameters(res, cwd)
+    if array is not None:
+        params.update(map_count=array[0], array_parallelism=array[1])
+    return str(_make_sbatch_string(command=submitit_command(res.folder, python), folder=res.folder, **params))
 
 
 def templates_dir() -> Path:
