@@ -293,3 +293,25 @@ def test_sync_without_login_or_network_changes_nothing(tmp_path: Path) -> None:
 @pytest.mark.parametrize("bad", [["logs"], ["status", "--watch", "x"], ["nope"]])
 def test_usage_errors_exit_2(tmp_path: Path, bad: list[str]) -> None:
     assert tsdia(*bad, cwd=tmp_path).returncode == 2
+
+
+def test_sweep_members_are_grouped_and_logs_need_a_member(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    sweep_dir = runs / "lr-sweep"
+    for name in ("lr=1e-3", "lr=3e-4"):
+        experiment(sweep_dir / name, lock_pid=dead_pid())
+        progress(sweep_dir / name, 100, "finished")
+    (sweep_dir / "sweep.json").write_text("{}")
+    experiment(runs / "alone", lock_pid=dead_pid())
+    rows = status.collect([str(runs)], run=no_slurm)
+    assert [r.sweep for r in rows] == [None, str(sweep_dir), str(sweep_dir)]
+    table = status.format_table(rows, runs)
+    assert "lr-sweep/ (sweep, 2 members)" in table and "\n  lr=1e-3 " in table
+
+    asked = tsdia("logs", str(sweep_dir), cwd=tmp_path)
+    assert asked.returncode == 2 and "choose one with --member NAME" in asked.stderr
+    assert "lr=1e-3, lr=3e-4" in asked.stderr
+    chosen = tsdia("logs", str(sweep_dir), "--member", "lr=3e-4", cwd=tmp_path)
+    assert chosen.returncode == 0 and chosen.stdout == "step 1\n"
+    wrong = tsdia("logs", str(sweep_dir), "--member", "lr=9", cwd=tmp_path)
+    assert wrong.returncode == 2 and "no member 'lr=9'" in wrong.stderr
