@@ -57,7 +57,8 @@ def member_jobs(sweep_dir: Path) -> dict[str, str]:
 
 
 def finished(job_id: str) -> bool:
-    return job_state(job_id)[0] in FINAL_STATES
+    # An array task cancelled while pending leaves no trace in Slurm 22.05 (neither scontrol nor sacct).
+    return job_state(job_id)[0] in (*FINAL_STATES, "UNKNOWN")
 
 
 def signal_once(job_id: str) -> None:
