@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from typing import Any, Literal, Union
@@ -38,13 +39,28 @@ class ConfigTemplate:
             )
         self.raw: dict[str, Any] = raw
 
+        self.overrides: list[str] = []  # applied to `raw` already (see `extended`)
+
+    def extended(self, overrides: typing.Sequence[str]) -> ConfigTemplate:
+        """A template with `overrides` applied once: the common part of many configs (a sweep's)."""
+        template = copy.copy(self)
+        template.raw, template.positions = copy.deepcopy(self.raw), dict(self.positions)
+        for override in overrides:
+            apply_override(template.raw, override, template.positions)
+        template.overrides = [*self.overrides, *overrides]
+        return template
+
     def with_overrides(self, overrides: typing.Sequence[str] = ()) -> Config:
-        """The validated config with `overrides` applied (the parsed file is left as it was)."""
+        """The validated config with `overrides` applied (the template is left as it was)."""
         raw, positions = copy.deepcopy(self.raw), dict(self.positions)
         for override in overrides:
             apply_override(raw, override, positions)
         source = ConfigSource(
-            path=self.path, text=self.text, overrides=list(overrides), raw=raw, positions=positions
+            path=self.path,
+            text=self.text,
+            overrides=[*self.overrides, *overrides],
+            raw=raw,
+            positions=positions,
         )
         return config_from_dict(raw, source)
 
@@ -106,8 +122,7 @@ def _build(cls: type, raw: Any, path: str, source: ConfigSource, errors: list[st
         return cls()
     if cls is ComponentConfig:
         return _build_component(raw, path, source, errors)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    hints, fields = _schema_of(cls)
     values: dict[str, Any] = {}
     for key, value in raw.items():
         key_path = f"{path}.{key}" if path else key
@@ -123,6 +138,13 @@ def _build(cls: type, raw: Any, path: str, source: ConfigSource, errors: list[st
             except ValueError as why:
                 errors.append(f"{source.where(key_path)}: {key_path}: {why}")
     return cls(**values)
+
+
+@functools.cache
+def _schema_of(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field[Any]]]:
+    """A section's resolved type hints and fields (resolving hints is slow; a sweep builds many configs)."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    return typing.get_type_hints(cls), fields
 
 
 def _build_component(

@@ -53,5 +53,5 @@ def read_owner(root: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def write_owner(root: Path, record: dict[str, Any]) -> None:
-    atomic_write_text(root / OWNER_FILE, json.dumps(record, indent=2))
+def write_owner(root: Path, record: dict[str, Any], durable: bool = True) -> None:
+    atomic_write_text(root / OWNER_FILE, json.dumps(record, indent=2), durable)

@@ -210,18 +210,18 @@ def prepare(
     config_path: str, overrides: Sequence[str], sweep_dir: str, members: list[Member], group: str
 ) -> list[Prepared]:
     """Load and check every member's config (the file is parsed once); a bad one names the member."""
-    template = ConfigTemplate(config_path)
+    template = ConfigTemplate(config_path).extended(overrides)  # the common overrides parsed once
     prepared = []
     for member in members:
         member.save_dir = str(Path(sweep_dir) / member.name)
-        member_overrides = [
-            *overrides,
+        own = [
             *member.overrides(),
             f"training.checkpoint.save_dir={member.save_dir}",
             f"training.logging.wandb_group={group}",
         ]
+        member_overrides = [*overrides, *own]
         try:
-            config = template.with_overrides(member_overrides)
+            config = template.with_overrides(own)
             res = resolve(config)
         except ConfigError as err:
             raise ConfigError(f"sweep member {member.index} ({member.name}): {err}") from None

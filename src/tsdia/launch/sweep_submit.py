@@ -170,9 +170,10 @@ def _submit(
         executor = SlurmExecutor(folder=res.folder, max_num_timeout=res.max_requeues)
         params = sbatch.submitit_parameters(res, cwd)
         executor.update_parameters(**params, array_parallelism=parallel)
+        # One copy of the config for the whole sweep (the members differ only in their overrides).
+        snapshot = _snapshot(todo[0].config, res, made[0].token)
         specs = [
-            TrainJob(_snapshot(p.config, p.res, claim.token), tuple(p.overrides), claim.token)
-            for p, claim in zip(todo, made, strict=True)
+            TrainJob(snapshot, tuple(p.overrides), claim.token) for p, claim in zip(todo, made, strict=True)
         ]
         with contextlib.redirect_stderr(io.StringIO()), executor.batch():
             jobs = [executor.submit(spec) for spec in specs]
