@@ -25,7 +25,7 @@ def test_readme_lists_every_module() -> None:
         rel = path.relative_to(REPO / "src" / "tsdia")
         shown = (
             str(rel)
-            if rel.parent.name in ("config", "training", "examples", "launch", "experiment")
+            if rel.parent.name in ("config", "training", "examples", "launch", "experiment", "follow")
             else rel.name
         )
         assert shown in readme, f"README's layout tree does not mention {rel}"

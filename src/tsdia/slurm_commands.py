@@ -12,7 +12,8 @@ import logging
 import re
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
@@ -33,9 +34,9 @@ FINAL_STATES = frozenset(
     }
 )
 # Final-looking states that a requeue may still follow: believed only after they last this long.
-_MAYBE_REQUEUED = frozenset({"NODE_FAIL", "PREEMPTED"})
+MAYBE_REQUEUED = frozenset({"NODE_FAIL", "PREEMPTED"})
 _SETTLE_S = 15.0
-_ACTIVE_STATES = frozenset(
+ACTIVE_STATES = frozenset(
     {
         "PENDING",
         "RUNNING",
@@ -79,7 +80,7 @@ def job_state(job_id: str, run: Runner = _run) -> tuple[str, str]:
 
 def is_job_active(job_id: str, run: Runner = _run) -> bool:
     """True while the job is queued, running or waiting to be requeued."""
-    return job_state(job_id, run)[0] in _ACTIVE_STATES
+    return job_state(job_id, run)[0] in ACTIVE_STATES
 
 
 def wait_for_job(
@@ -100,7 +101,7 @@ def wait_for_job(
             on_change(state)
             last = state
             since = clock()
-        if state in FINAL_STATES and (state not in _MAYBE_REQUEUED or clock() - since >= _SETTLE_S):
+        if state in FINAL_STATES and (state not in MAYBE_REQUEUED or clock() - since >= _SETTLE_S):
             return state, exit_code
         unknown_polls = unknown_polls + 1 if state == "UNKNOWN" else 0
         if unknown_polls * poll_s > 120:
@@ -161,3 +162,42 @@ def requeue_job(job_id: str) -> bool:
         logger.warning("scontrol requeue %s failed: %s", job_id, err)
         return False
     return True
+
+
+@dataclass
+class JobInfo:
+    """What Slurm says of one job: its state, why (squeue's reason), and its exit code once it ended."""
+
+    state: str
+    reason: str = ""
+    exit_code: str = ""
+    source: str = ""  # "squeue" (queued or running) or "sacct" (ended)
+
+
+def query_jobs(job_ids: Sequence[str], run: Runner = _run) -> dict[str, JobInfo] | None:
+    """The state of many jobs with one `squeue` and one `sacct` call, whatever their number.
+
+    Jobs squeue lists (queued, running, completing) come from squeue; the others from sacct (ended
+    jobs, when accounting is on). A job neither knows is absent from the result. None when Slurm cannot
+    be asked at all (no squeue, no controller).
+    """
+    wanted = {str(j) for j in job_ids}
+    if not wanted:
+        return {}
+    out = run(["squeue", "-h", "-r", "--me", "-o", "%i|%T|%r"])  # -r: one line per array task
+    if out is None:
+        return None
+    jobs: dict[str, JobInfo] = {}
+    for line in out.splitlines():
+        job_id, _, rest = line.strip().partition("|")
+        state, _, reason = rest.partition("|")
+        if job_id in wanted:
+            jobs[job_id] = JobInfo(state, "" if reason == "None" else reason, source="squeue")
+    missing = sorted(wanted - jobs.keys())
+    if missing:
+        ended = run(["sacct", "-X", "-n", "-P", "-j", ",".join(missing), "-o", "JobID,State,ExitCode"]) or ""
+        for line in ended.splitlines():
+            job_id, state, exit_code = ([*line.split("|"), "", ""])[:3]
+            if job_id in wanted and job_id not in jobs and state:
+                jobs[job_id] = JobInfo(state.split()[0], exit_code=exit_code, source="sacct")
+    return jobs

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from typing import Any, Literal, Union
@@ -17,20 +19,50 @@ from tsdia.errors import ConfigError
 
 def load_config(path: str, overrides: typing.Sequence[str] = ()) -> Config:
     """Read, override and validate a config file. Raises `ConfigError` listing every problem found."""
-    text = read_config_text(path)
-    positions: dict[str, str] = {}
-    raw = parse_yaml(text, path, positions=positions)
-    if raw is None:
-        raise ConfigError(f"{path}: the config file is empty. Start from configs/example.yml.")
-    if not isinstance(raw, dict):
-        raise ConfigError(
-            f"{path}:1: the top level must be a mapping with sections model, dataset, training, ...; "
-            f"got a {type(raw).__name__}."
+    return ConfigTemplate(path).with_overrides(overrides)
+
+
+class ConfigTemplate:
+    """A config file read and parsed once, to build several configs from it (a sweep's members)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.text = read_config_text(path)
+        self.positions: dict[str, str] = {}
+        raw = parse_yaml(self.text, path, positions=self.positions)
+        if raw is None:
+            raise ConfigError(f"{path}: the config file is empty. Start from configs/example.yml.")
+        if not isinstance(raw, dict):
+            raise ConfigError(
+                f"{path}:1: the top level must be a mapping with sections model, dataset, training, ...; "
+                f"got a {type(raw).__name__}."
+            )
+        self.raw: dict[str, Any] = raw
+
+        self.overrides: list[str] = []  # applied to `raw` already (see `extended`)
+
+    def extended(self, overrides: typing.Sequence[str]) -> ConfigTemplate:
+        """A template with `overrides` applied once: the common part of many configs (a sweep's)."""
+        template = copy.copy(self)
+        template.raw, template.positions = copy.deepcopy(self.raw), dict(self.positions)
+        for override in overrides:
+            apply_override(template.raw, override, template.positions)
+        template.overrides = [*self.overrides, *overrides]
+        return template
+
+    def with_overrides(self, overrides: typing.Sequence[str] = ()) -> Config:
+        """The validated config with `overrides` applied (the template is left as it was)."""
+        raw, positions = copy.deepcopy(self.raw), dict(self.positions)
+        for override in overrides:
+            apply_override(raw, override, positions)
+        source = ConfigSource(
+            path=self.path,
+            text=self.text,
+            overrides=[*self.overrides, *overrides],
+            raw=raw,
+            positions=positions,
         )
-    for override in overrides:
-        apply_override(raw, override, positions)
-    source = ConfigSource(path=path, text=text, overrides=list(overrides), raw=raw, positions=positions)
-    return config_from_dict(raw, source)
+        return config_from_dict(raw, source)
 
 
 def apply_override(raw: dict[str, Any], override: str, positions: dict[str, str]) -> None:
@@ -115,8 +147,7 @@ def _build(cls: type, raw: Any, path: str, source: ConfigSource, errors: list[st
         return cls()
     if cls is ComponentConfig:
         return _build_component(raw, path, source, errors)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    hints, fields = _schema_of(cls)
     values: dict[str, Any] = {}
     for key, value in raw.items():
         key_path = f"{path}.{key}" if path else key
@@ -132,6 +163,13 @@ def _build(cls: type, raw: Any, path: str, source: ConfigSource, errors: list[st
             except ValueError as why:
                 errors.append(f"{source.where(key_path)}: {key_path}: {why}")
     return cls(**values)
+
+
+@functools.cache
+def _schema_of(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field[Any]]]:
+    """A section's resolved type hints and fields (resolving hints is slow; a sweep builds many configs)."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    return typing.get_type_hints(cls), fields
 
 
 def _build_component(

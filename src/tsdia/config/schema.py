@@ -85,6 +85,7 @@ class LoggingConfig:
     wandb: bool = option(False, "Log to Weights & Biases (files under `<save_dir>/wandb/`).")
     wandb_project: str = option("ts-dia-training", "WandB project.")
     wandb_entity: str | None = option(None, "WandB entity (team or user); null uses your default.")
+    wandb_group: str | None = option(None, "WandB group; a sweep puts all its members in the sweep's group.")
     wandb_mode: Literal["auto", "online", "offline"] = option(
         "auto", "auto: online when logged in and reachable, else offline (never prompts)."
     )
@@ -210,6 +211,9 @@ class SlurmConfig:
     )
     max_requeues: int = option(10, "Most times the job requeues itself (preemption or time limit).", ge=0)
     requeue_on_crash: bool = option(False, "Requeue after a crash too (bounded by max_requeues).")
+    array_parallelism: int | None = option(
+        None, "Sweeps: most members running at once (`--parallel` overrides it; null: all).", gt=0
+    )
     setup: list[str] = option([], "Shell lines run before training (module load, source venv, ...).")
     sbatch_extra: dict[str, str] = option({}, "Extra sbatch options, e.g. {mail-type: END}.")
     container: ContainerConfig = section(ContainerConfig, "Run the job inside a container image.")

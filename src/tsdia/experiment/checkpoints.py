@@ -32,6 +32,7 @@ TRAINER_STATE = "trainer_state.json"
 BEST_LINK = "best_checkpoint"
 
 STAGING_PREFIX = ".incomplete-"
+INDEX_FILE = "index.json"  # in checkpoints/: a summary of the manifests, rewritten after every checkpoint
 _NAME = re.compile(r"^checkpoint-epoch(\d+)-step(\d+)$")
 
 
@@ -223,4 +224,4 @@ def write_index(save_dir: Path, metric: str, mode: str) -> None:
             {"name": m.name, "step": m.step, "epoch": m.epoch, "metrics": m.metrics} for _, m in checkpoints
         ],
     }
-    atomic_write_text(save_dir / STORE_DIR / "index.json", json.dumps(index, indent=2))
+    atomic_write_text(save_dir / STORE_DIR / INDEX_FILE, json.dumps(index, indent=2))

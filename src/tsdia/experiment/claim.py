@@ -38,9 +38,13 @@ class Claim:
     _released: bool = field(default=False, repr=False)
 
     def record_job(self, job_id: str) -> None:
-        """Write the job id into the owner record (the job finds its token there, people find the job)."""
+        """Write the job id into the owner record, for people and `tsdia status` to find the job.
+
+        Not fsynced: the claim itself (the token) was written durably; a lost job id only costs the status
+        its Slurm state, and a sweep also keeps the ids in sweep.json.
+        """
         self.record["job_id"] = job_id
-        write_owner(self.save_dir, self.record)
+        write_owner(self.save_dir, self.record, durable=False)
 
     def release(self) -> None:
         if self._released:

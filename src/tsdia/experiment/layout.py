@@ -17,6 +17,7 @@ RANK_LOGS_DIR = (
 CONFIG_FILE = "config.yml"
 LOCK_FILE = ".tsdia.lock"
 OWNER_FILE = ".tsdia-owner.json"  # the claim token (and job id) owning this directory
+SWEEP_FILE = "sweep.json"  # in a sweep directory: the sweep and its members (tsdia.launch.sweep)
 STORE_DIR = "checkpoints"  # staging area, index and attempt records; named checkpoints live beside it
 _RESUME_LOG = re.compile(r"^training_resume_(\d+)_\d{8}_\d{6}\.log$")
 
@@ -52,5 +53,5 @@ def read_owner(root: Path) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def write_owner(root: Path, record: dict[str, Any]) -> None:
-    atomic_write_text(root / OWNER_FILE, json.dumps(record, indent=2))
+def write_owner(root: Path, record: dict[str, Any], durable: bool = True) -> None:
+    atomic_write_text(root / OWNER_FILE, json.dumps(record, indent=2), durable)

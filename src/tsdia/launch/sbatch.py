@@ -71,20 +71,20 @@ def submitit_parameters(res: SlurmResources, cwd: str) -> dict[str, Any]:
     return params
 
 
-def render_submitit_script(res: SlurmResources, cwd: str, python: str = sys.executable) -> str:
+def render_submitit_script(
+    res: SlurmResources, cwd: str, python: str = sys.executable, array: tuple[int, int] | None = None
+) -> str:
     """The sbatch script `tsdia-submit` would submit, rendered by submitit itself (nothing is written).
 
-    The one use of submitit's private `_make_sbatch_string` (what `SlurmExecutor` writes before `sbatch`);
+    `array=(N, P)` renders a job array of N tasks, at most P running at once (a sweep). The one use of
+    submitit's private `_make_sbatch_string` (what `SlurmExecutor` writes before `sbatch`);
     tests/test_contracts.py checks it against the installed submitit."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    return str(
-        _make_sbatch_string(
-            command=submitit_command(res.folder, python),
-            folder=res.folder,
-            **submitit_parameters(res, cwd),
-        )
-    )
+    params = submitit_parameters(res, cwd)
+    if array is not None:
+        params.update(map_count=array[0], array_parallelism=array[1])
+    return str(_make_sbatch_string(command=submitit_command(res.folder, python), folder=res.folder, **params))
 
 
 def template_text(name: str) -> tuple[str, str]:

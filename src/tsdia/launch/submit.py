@@ -60,6 +60,17 @@ def build_parser() -> Any:
         metavar="KIND",
         help="print a filled KIND.sbatch template (single, multi or requeue; default: by slurm.nodes)",
     )
+    sweep = parser.add_argument_group("sweeps (one job array; see the README's Sweeps section)")
+    sweep.add_argument(
+        "--sweep",
+        action="append",
+        metavar="KEY=V1,V2,...",
+        help="sweep KEY over the values (repeat for a Cartesian product); save_dir becomes the sweep directory",
+    )
+    sweep.add_argument(
+        "--sweep-file", metavar="FILE", help="a YAML file with a 'sweep:' mapping KEY: [V1, V2]"
+    )
+    sweep.add_argument("--parallel", type=int, metavar="P", help="most members running at once")
     return parser
 
 
@@ -74,18 +85,28 @@ def parse(argv: Sequence[str]) -> Any:
     modes = [m for m in ("dry_run", "local", "emit_sbatch") if getattr(args, m)]
     if len(modes) > 1 or (args.wait and (args.dry_run or args.emit_sbatch)):
         parser.error("choose one of --dry-run, --local, --emit-sbatch (--wait goes with a real submit)")
+    if args.parallel is not None and args.parallel < 1:
+        parser.error("--parallel must be at least 1")
+    if (args.parallel is not None) and not (args.sweep or args.sweep_file):
+        parser.error("--parallel goes with --sweep or --sweep-file")
+    if (args.sweep or args.sweep_file) and args.emit_sbatch:
+        parser.error("--emit-sbatch prints one experiment's script; --dry-run shows a sweep's array script")
     return args
 
 
 def run(argv: Sequence[str]) -> int:
     args = parse(argv)
-    config = load_config(args.config, args.overrides)
-    res = resolve(config)
     cwd = os.getcwd()
-    check_line("the working directory", cwd)
+    check_line("the working directory", cwd)  # all of them go into sbatch scripts
     check_line("the config path", os.path.abspath(args.config))
     for override in args.overrides:
         check_line("an override", override)
+    if args.sweep or args.sweep_file:
+        from tsdia.launch.sweep_submit import run_sweep
+
+        return run_sweep(args, list(argv), cwd)
+    config = load_config(args.config, args.overrides)
+    res = resolve(config)
     if args.emit_sbatch:
         kind = args.emit_sbatch
         if kind == "auto":
@@ -210,12 +231,21 @@ def _follow(res: SlurmResources, job_id: str) -> int:
     return _report(res, job_id, state == "COMPLETED", f"{state}, exit code {exit_code or '?'}")
 
 
-def submit_local(config: Config, res: SlurmResources, config_path: str, overrides: Sequence[str]) -> int:
+def submit_local(
+    config: Config,
+    res: SlurmResources,
+    config_path: str,
+    overrides: Sequence[str],
+    claim: claims.Claim | None = None,
+) -> int:
+    """Run the job on this machine through submitit's LocalExecutor (claiming the directory unless a
+    sweep already claimed it)."""
     from submitit import LocalExecutor
 
-    claim = claims.claim_for_submit(
-        res.save_dir, config.training.checkpoint.resume, config_path, overrides, "local"
-    )
+    if claim is None:
+        claim = claims.claim_for_submit(
+            res.save_dir, config.training.checkpoint.resume, config_path, overrides, "local"
+        )
     try:
         job_spec = TrainJob(_snapshot(config, res, claim.token), tuple(overrides), claim.token, _free_port())
         executor = LocalExecutor(folder=res.folder, max_num_timeout=res.max_requeues)

@@ -158,6 +158,7 @@ class Attempt:
             wandb_settings = WandbSettings(
                 project=logging_config.wandb_project,
                 entity=logging_config.wandb_entity,
+                group=logging_config.wandb_group,
                 run_name=logging_config.run_name or self.save_dir.resolve().name,
                 mode=logging_config.wandb_mode,
                 save_dir=str(self.save_dir),

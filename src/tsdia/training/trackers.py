@@ -105,6 +105,7 @@ class WandbSettings:
     project: str
     entity: str | None
     run_name: str
+    group: str | None
     mode: str  # auto, online or offline
     save_dir: str
 
@@ -119,6 +120,7 @@ class WandbTracker:
         init_args: dict[str, Any] = dict(
             project=settings.project,
             entity=settings.entity,
+            group=settings.group,
             name=settings.run_name,
             config=config,
             dir=settings.save_dir,

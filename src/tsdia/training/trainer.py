@@ -17,6 +17,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from tsdia import cluster as cluster_env
 from tsdia.config.schema import Config, ConfigSource, TrainingConfig
 from tsdia.experiment import checkpoints as store
+from tsdia.experiment.progress import ProgressWriter
 from tsdia.slurm_commands import requeue_job
 from tsdia.training.artifacts import full_config_dict, hyperparameters, model_summary
 from tsdia.training.attempt import Attempt, decide_on_rank_zero
@@ -92,6 +93,7 @@ class Trainer:
         self.optimizer: Any = None
         self.scheduler: Any = None
         self.trackers = Trackers()
+        self._progress_writer: ProgressWriter | None = None  # rank 0: logs/progress.json for `tsdia status`
         self._loss_sum = torch.zeros(())  # training loss summed since the last log line (on the device)
         self._loss_count = 0
 
@@ -210,6 +212,10 @@ class Trainer:
             )
         self.start_step = self.progress.global_step
         self.trackers = attempt.start_trackers(full_config_dict(self.config), self.progress.global_step)
+        if self.cluster.is_main:
+            self._progress_writer = ProgressWriter(
+                attempt.save_dir, total_steps, attempt.decision.resume_index
+            )
         barrier()
         # Entered after the trackers start (wandb swaps the console streams): from here on log records go
         # through tqdm.write, so they never land in the middle of a progress-bar line.
@@ -254,6 +260,9 @@ class Trainer:
             last_saved = self.save_checkpoint({})
         self.checkpointer.commit_pending()  # a background write still in flight is committed before we return
         shutdown_workers(train_dl, val_dl)  # persistent DataLoader workers outlive the loop; not the save
+        if self._progress_writer is not None:
+            state = "stopped" if stopped_early else "finished"
+            self._progress_writer.update(progress.global_step, progress.epoch, val_metrics, state)
         best = self.attempt.save_dir / store.BEST_LINK
         return TrainResult(
             save_dir=str(self.attempt.save_dir),
@@ -300,7 +309,7 @@ class Trainer:
             if step % training.logging.interval == 0 or step == total_steps:
                 mean_loss = accelerator.reduce(self._loss_sum / max(self._loss_count, 1), "mean").item()
                 lr = float(scheduler.get_last_lr()[0])
-                self.trackers.log({"train_loss": mean_loss, "lr": lr, "epoch": epoch}, step)
+                self._log({"train_loss": mean_loss, "lr": lr, "epoch": epoch}, step)
                 bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
                 self._loss_sum.zero_()
                 self._loss_count = 0
@@ -315,6 +324,12 @@ class Trainer:
             if self.watcher.should_stop(step):
                 return True
         return False
+
+    def _log(self, metrics: dict[str, float], step: int) -> None:
+        """To the trackers, and to the progress record that `tsdia status` reads."""
+        self.trackers.log(metrics, step)
+        if self._progress_writer is not None:
+            self._progress_writer.update(step, self.progress.epoch, metrics)
 
     def _val_loaders(self) -> list[DataLoader[Any]]:
         return [self.val_dataloader] if self.val_dataloader is not None else []
@@ -358,7 +373,7 @@ class Trainer:
         }
         step = self.progress.global_step
         self.progress.last_val_step = step
-        self.trackers.log(metrics, step)
+        self._log(metrics, step)
         if accelerator.is_main_process:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
             tqdm.write(f"Validation at step {step} (epoch {self.progress.epoch}): {shown}")
