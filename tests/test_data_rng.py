@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent / "plugins"))
 
 from augmenting import build_datasets
 
-from conftest import EXAMPLE, REPO, SMALL, quiet_env, run_train
+from conftest import EXAMPLE, REPO, SMALL, quiet_env, run_train, with_plugins
 from tsdia.config.loader import config_from_dict
 from tsdia.config.schema import ConfigSource, TrainingConfig
 from tsdia.errors import EXIT_STOPPED, ConfigError
@@ -137,7 +137,6 @@ def test_iterable_dataset_is_loaded_with_a_warning(caplog: pytest.LogCaptureFixt
 
 # --- real training runs -------------------------------------------------------------------------------
 
-PLUGINS = str(REPO / "tests" / "plugins")
 AUGMENTED = [
     *SMALL,
     "dataset.target=augmenting:build_datasets",
@@ -147,12 +146,6 @@ AUGMENTED = [
     "training.checkpoint.interval=100",
 ]
 FINAL = "checkpoint-epoch1-step16"
-
-
-def plugin_env(tmp_path: Path) -> dict[str, str]:
-    env = quiet_env(tmp_path)
-    env["PYTHONPATH"] = f"{PLUGINS}:{env.get('PYTHONPATH', '')}"
-    return env
 
 
 def weights(save_dir: Path) -> dict[str, torch.Tensor]:
@@ -165,7 +158,11 @@ def same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool
 
 def train(tmp_path: Path, save_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return run_train(
-        tmp_path, *AUGMENTED, f"training.checkpoint.save_dir={save_dir}", *args, env=plugin_env(tmp_path)
+        tmp_path,
+        *AUGMENTED,
+        f"training.checkpoint.save_dir={save_dir}",
+        *args,
+        env=with_plugins(quiet_env(tmp_path)),
     )
 
 
@@ -178,6 +175,7 @@ def straight(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp / "full"
 
 
+@pytest.mark.slow
 def test_resume_mid_epoch_with_workers_is_bitwise_exact(straight: Path, tmp_path: Path) -> None:
     part = tmp_path / "part"
     # Call 5 sends SIGUSR2: the run saves at step 5 of 8 (mid-epoch 0) and stops; workers ignore the signal.
@@ -198,6 +196,7 @@ def test_resume_mid_epoch_with_workers_is_bitwise_exact(straight: Path, tmp_path
     ],
     ids=["workers0", "workers3-persistent"],
 )
+@pytest.mark.slow
 def test_weights_do_not_depend_on_num_workers(straight: Path, tmp_path: Path, options: list[str]) -> None:
     result = train(tmp_path, tmp_path / "run", *options)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -225,7 +224,7 @@ def test_two_ranks_resume_mid_epoch_bitwise(tmp_path: Path) -> None:
                 *args,
             ],
             cwd=REPO,
-            env=plugin_env(tmp_path),
+            env=with_plugins(quiet_env(tmp_path)),
             capture_output=True,
             text=True,
             timeout=300,

@@ -224,6 +224,7 @@ def test_logs_print_and_follow_across_attempts(tmp_path: Path) -> None:
     assert not_exp.returncode == 2 and "not a tsdia experiment" in not_exp.stderr
 
 
+@pytest.mark.slow
 def test_a_real_run_completed_and_a_killed_run_died(tmp_path: Path) -> None:
     finished = tmp_path / "runs" / "finished"
     done = run_train(tmp_path, *SMALL, f"training.checkpoint.save_dir={finished}")

@@ -165,6 +165,7 @@ def test_claims_are_all_or_nothing_and_racing_sweeps_have_one_winner(tmp_path: P
     assert sorted(p.name for p in sweep_dir.iterdir()) == sorted(m.name for m in members)
 
 
+@pytest.mark.slow
 def test_local_sweep_members_equal_the_same_runs_alone(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sw"
     done = submit(
