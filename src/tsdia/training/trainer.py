@@ -17,13 +17,20 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from tsdia import cluster as cluster_env
 from tsdia.config.schema import Config, ConfigSource, TrainingConfig
 from tsdia.experiment import checkpoints as store
-from tsdia.slurm_commands import requeue_job
+from tsdia.slurm_commands import SlurmStop, requeue_job
 from tsdia.training.artifacts import full_config_dict, hyperparameters, model_summary
 from tsdia.training.attempt import Attempt, decide_on_rank_zero
 from tsdia.training.checkpointer import Checkpointer
 from tsdia.training.components import build_optimizer, build_scheduler
 from tsdia.training.distributed import barrier, broadcast_object, build_accelerator, deepspeed_config
-from tsdia.training.preemption import PreemptionWatcher, plan_after_stop
+from tsdia.training.preemption import (
+    PreemptionWatcher,
+    StopPlan,
+    plan_after_stop,
+    record_completed,
+    requeue_before_saving,
+    slurm_stop_now,
+)
 from tsdia.training.trackers import Trackers
 
 logger = logging.getLogger(__name__)
@@ -42,6 +49,7 @@ class TrainResult:
     stopped_early: bool = False
     stop_reason: str | None = None  # the signal that stopped it early (e.g. SIGUSR2)
     requeued: bool = False  # the Slurm job was put back in the queue and will resume by itself
+    end: str | None = None  # how a stopped attempt ended (attempts.json's `end`, e.g. "interrupted")
 
 
 @dataclass
@@ -93,6 +101,10 @@ class Trainer:
         self.trackers = Trackers()
         self._loss_sum = torch.zeros(())  # training loss summed since the last log line (on the device)
         self._loss_count = 0
+        self._slurm_stop: SlurmStop | None = (
+            None  # how Slurm stops us, read when the stop was agreed (rank 0)
+        )
+        self._requeued_early = False
 
     @property
     def attempt(self) -> Attempt:
@@ -121,38 +133,48 @@ class Trainer:
         self._attempt = attempt = Attempt(self.config, self.cluster, decision, lock)
         preemption = training.preemption
         self._watcher = watcher = PreemptionWatcher(
-            preemption.signals, preemption.check_interval, accelerator.num_processes > 1, accelerator.device
+            preemption.signals,
+            preemption.check_interval,
+            accelerator.num_processes > 1,
+            accelerator.device,
+            announce=self.cluster.local_rank == 0,
         )
         watcher.install()
-        requeue = crashed = False
+        plan: StopPlan | None = None
+        crashed = False
         try:
             attempt.start_logging()
             attempt.write_config()
             result = self._run()
             if result.stopped_early:
-                requeue = bool(broadcast_object(self._plan_after_stop(crashed=False)))
-                result.stop_reason, result.requeued = watcher.stop_signal, requeue
+                plan = StopPlan(**broadcast_object(asdict(self._plan_after_stop())))
+                result.stop_reason, result.requeued, result.end = watcher.stop_signal, plan.requeue, plan.end
+            elif self.cluster.is_main:
+                self._record_completed(result.global_step)
         except BaseException as err:
             crashed = True
             attempt.record_crash()
             if self._checkpointer is not None:
                 self._checkpointer.abandon()
-            requeue = isinstance(err, Exception) and self._plan_after_stop(crashed=True)
+            if isinstance(err, Exception):
+                plan = self._plan_after_stop(failure="crash")
+            elif isinstance(err, KeyboardInterrupt) and watcher.interrupts > 1:
+                self._plan_after_stop(failure="aborted")
             raise
         finally:
             watcher.uninstall()
             attempt.close()
-            if requeue:
+            if plan is not None and plan.requeue:
                 if not crashed:
                     barrier()  # every rank has saved and closed its files before Slurm ends this attempt
-                if self.cluster.is_main and self.cluster.job_id:
+                if self.cluster.is_main and self.cluster.job_id and plan.requeue_now:
                     requeue_job(self.cluster.job_id)
         return result
 
-    def _plan_after_stop(self, crashed: bool) -> bool:
+    def _plan_after_stop(self, failure: str | None = None) -> StopPlan:
         """Rank 0 records the attempt and says (in the log) whether the job will be requeued."""
         if not self.cluster.is_main:
-            return False
+            return StopPlan(end="", requeue=False)
         return plan_after_stop(
             save_dir=self.attempt.save_dir,
             cluster=self.cluster,
@@ -160,7 +182,25 @@ class Trainer:
             resume_index=self.attempt.decision.resume_index,
             start_step=self.start_step,
             stop_step=self.progress.global_step,
-            signal_name=None if crashed else self.watcher.stop_signal,
+            signal_name=None if failure else self.watcher.stop_signal,
+            slurm_stop=self._slurm_stop,
+            requeued_early=self._requeued_early,
+            failure=failure,
+        )
+
+    def _record_completed(self, step: int) -> None:
+        record_completed(
+            self.attempt.save_dir, self.cluster, self.attempt.decision.resume_index, self.start_step, step
+        )
+
+    def _on_agreed_stop(self) -> None:
+        """Rank 0, the moment the ranks agreed to stop: ask Slurm why, and requeue first if SIGKILL is near."""
+        if not self.cluster.is_main:
+            return
+        signal_name = self.watcher.stop_signal or ""
+        self._slurm_stop = slurm_stop_now(self.cluster, signal_name, self.config.slurm.signal_lead_s)
+        self._requeued_early = requeue_before_saving(
+            self.attempt.save_dir, self.cluster, self.config.slurm, self._slurm_stop
         )
 
     def _run(self) -> TrainResult:
@@ -311,6 +351,7 @@ class Trainer:
             if step >= total_steps:
                 return False
             if self.watcher.should_stop(step):
+                self._on_agreed_stop()
                 return True
         return False
 
