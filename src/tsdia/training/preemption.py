@@ -13,7 +13,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -69,10 +69,12 @@ class PreemptionWatcher:
         distributed: bool,
         device: Any = "cpu",
         announce: bool = True,
+        on_signal: Callable[[str], None] | None = None,
     ) -> None:
         names = list(dict.fromkeys([*signals, "SIGINT"]))
         self.signal_numbers = [signal.Signals[name] for name in names]
         self.announce = announce  # print the Ctrl-C notice (one process per node)
+        self.on_signal = on_signal  # called once, with the first signal's name (must return at once)
         self.interrupts = 0
         self.check_interval = check_interval
         self.distributed = distributed
@@ -85,6 +87,8 @@ class PreemptionWatcher:
     def install(self) -> None:
         for number in self.signal_numbers:
             self._previous[number] = signal.signal(number, self._handle)
+        if self.received is not None and self.on_signal is not None:
+            self.on_signal(signal.Signals(self.received).name)
 
     def uninstall(self) -> None:
         for number, handler in self._previous.items():
@@ -101,6 +105,8 @@ class PreemptionWatcher:
                 os.write(2, INTERRUPT_NOTICE.encode())  # not print(): a handler may interrupt a print
         if self.received is None:
             self.received, self.received_at = signum, time.time()
+            if self.on_signal is not None:
+                self.on_signal(signal.Signals(signum).name)
 
     def should_stop(self, step: int) -> bool:
         """True on every rank at the same step once any rank has received a signal."""

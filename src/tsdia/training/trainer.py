@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,7 @@ class Trainer:
             None  # how Slurm stops us, read when the stop was agreed (rank 0)
         )
         self._requeued_early = False
+        self._inspector: threading.Thread | None = None
 
     @property
     def attempt(self) -> Attempt:
@@ -138,6 +140,7 @@ class Trainer:
             accelerator.num_processes > 1,
             accelerator.device,
             announce=self.cluster.local_rank == 0,
+            on_signal=self._inspect_stop_soon if self.cluster.is_main and self.cluster.job_id else None,
         )
         watcher.install()
         plan: StopPlan | None = None
@@ -193,15 +196,31 @@ class Trainer:
             self.attempt.save_dir, self.cluster, self.attempt.decision.resume_index, self.start_step, step
         )
 
-    def _on_agreed_stop(self) -> None:
-        """Rank 0, the moment the ranks agreed to stop: ask Slurm why, and requeue first if SIGKILL is near."""
-        if not self.cluster.is_main:
-            return
-        signal_name = self.watcher.stop_signal or ""
+    def _inspect_stop_soon(self, signal_name: str) -> None:
+        """From the signal handler (rank 0 of a Slurm job): ask Slurm why, off the main thread, right now.
+
+        Right now because what scontrol says changes within seconds, and because at the time limit the
+        requeue must not wait for the current step to end (SIGKILL may come first).
+        """
+        self._inspector = threading.Thread(
+            target=self._inspect_stop, args=(signal_name,), name="tsdia-stop-inspector", daemon=True
+        )
+        self._inspector.start()
+
+    def _inspect_stop(self, signal_name: str) -> None:
         self._slurm_stop = slurm_stop_now(self.cluster, signal_name, self.config.slurm.signal_lead_s)
         self._requeued_early = requeue_before_saving(
             self.attempt.save_dir, self.cluster, self.config.slurm, self._slurm_stop
         )
+
+    def _on_agreed_stop(self) -> None:
+        """Rank 0, once the ranks agreed to stop: have Slurm's view of the stop (a peer may have had the signal)."""
+        if not self.cluster.is_main:
+            return
+        if self._inspector is not None:
+            self._inspector.join(timeout=60)
+        elif self.cluster.job_id:
+            self._inspect_stop(self.watcher.stop_signal or "")
 
     def _run(self) -> TrainResult:
         """Prepare model, optimizer and data, write the run's artifacts, restore a checkpoint, then loop."""
