@@ -253,7 +253,9 @@ def _classify(snapshot: JobSnapshot | None, signal_name: str, restart_count: int
     if state in ("COMPLETING", "CANCELLED"):
         return SlurmStop("cancelled", f"cancelled ({signal_name})", False, True)
     left = snapshot.time_left_s
-    if left is not None and left <= lead_s + 90:
+    # The lead signal (`--signal=USR2@lead`) comes within Slurm's ~30 s check after `lead` s are left. A
+    # SIGTERM while RUNNING is never it (GraceTime preemption, `scancel --signal=TERM`), however close the limit.
+    if signal_name != "SIGTERM" and left is not None and left <= lead_s + 30:
         return SlurmStop("time_limit", f"time limit ({signal_name}, {left} s left)", False, False)
     return SlurmStop("preempted", f"preemption ({signal_name})", False, False)
 

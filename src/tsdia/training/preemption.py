@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -156,6 +157,34 @@ class StopPlan:
     end: str  # attempts.json's `end` (see tsdia.experiment.attempts.ENDS)
     requeue: bool  # the job goes back in the queue (by us, or by Slurm itself)
     requeue_now: bool = False  # rank 0 must still call `scontrol requeue` (not done early, not Slurm's)
+
+
+class StopInspector:
+    """Rank 0 of a Slurm job: reads Slurm's view of the stop in a thread started from the signal handler.
+
+    At once, because what scontrol says changes within seconds, and because at the time limit the requeue
+    must not wait for the current step to end (SIGKILL may come first).
+    """
+
+    def __init__(self, save_dir: Path, cluster: ClusterEnvironment, slurm: SlurmConfig) -> None:
+        self.save_dir, self.cluster, self.slurm = save_dir, cluster, slurm
+        self.slurm_stop: SlurmStop | None = None
+        self.requeued_early = False
+        self._thread: threading.Thread | None = None
+
+    def start(self, signal_name: str) -> None:
+        self._thread = threading.Thread(
+            target=self._inspect, args=(signal_name,), name="tsdia-stop-inspector", daemon=True
+        )
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def _inspect(self, signal_name: str) -> None:
+        self.slurm_stop = slurm_stop_now(self.cluster, signal_name, self.slurm.signal_lead_s)
+        self.requeued_early = requeue_before_saving(self.save_dir, self.cluster, self.slurm, self.slurm_stop)
 
 
 def slurm_stop_now(cluster: ClusterEnvironment, signal_name: str, lead_s: int) -> SlurmStop | None:

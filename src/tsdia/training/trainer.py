@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from tsdia import cluster as cluster_env
 from tsdia.config.schema import Config, ConfigSource, TrainingConfig
 from tsdia.experiment import checkpoints as store
-from tsdia.slurm_commands import SlurmStop, requeue_job
+from tsdia.slurm_commands import requeue_job
 from tsdia.training.artifacts import full_config_dict, hyperparameters, model_summary
 from tsdia.training.attempt import Attempt, decide_on_rank_zero
 from tsdia.training.checkpointer import Checkpointer
@@ -26,11 +25,10 @@ from tsdia.training.components import build_optimizer, build_scheduler
 from tsdia.training.distributed import barrier, broadcast_object, build_accelerator, deepspeed_config
 from tsdia.training.preemption import (
     PreemptionWatcher,
+    StopInspector,
     StopPlan,
     plan_after_stop,
     record_completed,
-    requeue_before_saving,
-    slurm_stop_now,
 )
 from tsdia.training.trackers import Trackers
 
@@ -102,11 +100,7 @@ class Trainer:
         self.trackers = Trackers()
         self._loss_sum = torch.zeros(())  # training loss summed since the last log line (on the device)
         self._loss_count = 0
-        self._slurm_stop: SlurmStop | None = (
-            None  # how Slurm stops us, read when the stop was agreed (rank 0)
-        )
-        self._requeued_early = False
-        self._inspector: threading.Thread | None = None
+        self._stop_inspector: StopInspector | None = None  # rank 0 of a Slurm job: asks Slurm why we stop
 
     @property
     def attempt(self) -> Attempt:
@@ -140,7 +134,7 @@ class Trainer:
             accelerator.num_processes > 1,
             accelerator.device,
             announce=self.cluster.local_rank == 0,
-            on_signal=self._inspect_stop_soon if self.cluster.is_main and self.cluster.job_id else None,
+            on_signal=self._start_stop_inspector if self.cluster.is_main and self.cluster.job_id else None,
         )
         watcher.install()
         plan: StopPlan | None = None
@@ -186,8 +180,8 @@ class Trainer:
             start_step=self.start_step,
             stop_step=self.progress.global_step,
             signal_name=None if failure else self.watcher.stop_signal,
-            slurm_stop=self._slurm_stop,
-            requeued_early=self._requeued_early,
+            slurm_stop=self._stop_inspector.slurm_stop if self._stop_inspector else None,
+            requeued_early=bool(self._stop_inspector and self._stop_inspector.requeued_early),
             failure=failure,
         )
 
@@ -196,31 +190,19 @@ class Trainer:
             self.attempt.save_dir, self.cluster, self.attempt.decision.resume_index, self.start_step, step
         )
 
-    def _inspect_stop_soon(self, signal_name: str) -> None:
-        """From the signal handler (rank 0 of a Slurm job): ask Slurm why, off the main thread, right now.
-
-        Right now because what scontrol says changes within seconds, and because at the time limit the
-        requeue must not wait for the current step to end (SIGKILL may come first).
-        """
-        self._inspector = threading.Thread(
-            target=self._inspect_stop, args=(signal_name,), name="tsdia-stop-inspector", daemon=True
-        )
-        self._inspector.start()
-
-    def _inspect_stop(self, signal_name: str) -> None:
-        self._slurm_stop = slurm_stop_now(self.cluster, signal_name, self.config.slurm.signal_lead_s)
-        self._requeued_early = requeue_before_saving(
-            self.attempt.save_dir, self.cluster, self.config.slurm, self._slurm_stop
-        )
+    def _start_stop_inspector(self, signal_name: str) -> None:
+        """From the signal handler: ask Slurm now (off the main thread) why the job is being stopped."""
+        self._stop_inspector = StopInspector(self.attempt.save_dir, self.cluster, self.config.slurm)
+        self._stop_inspector.start(signal_name)
 
     def _on_agreed_stop(self) -> None:
-        """Rank 0, once the ranks agreed to stop: have Slurm's view of the stop (a peer may have had the signal)."""
-        if not self.cluster.is_main:
+        """Rank 0, once the ranks agreed to stop: wait for Slurm's answer (ask now if a peer had the signal)."""
+        if not (self.cluster.is_main and self.cluster.job_id):
             return
-        if self._inspector is not None:
-            self._inspector.join(timeout=60)
-        elif self.cluster.job_id:
-            self._inspect_stop(self.watcher.stop_signal or "")
+        if self._stop_inspector is None:
+            self._start_stop_inspector(self.watcher.stop_signal or "")
+        assert self._stop_inspector is not None
+        self._stop_inspector.wait()
 
     def _run(self) -> TrainResult:
         """Prepare model, optimizer and data, write the run's artifacts, restore a checkpoint, then loop."""
