@@ -15,7 +15,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -75,7 +75,10 @@ class PreemptionWatcher:
         names = list(dict.fromkeys([*signals, "SIGINT"]))
         self.signal_numbers = [signal.Signals[name] for name in names]
         self.announce = announce  # print the Ctrl-C notice (one process per node)
-        self.on_signal = on_signal  # called once, with the first signal's name (must return at once)
+        self.on_signal = (
+            on_signal  # called with the first signal's name, and a later SIGTERM's (returns at once)
+        )
+        self._term_seen = False
         self.interrupts = 0
         self.check_interval = check_interval
         self.distributed = distributed
@@ -108,6 +111,11 @@ class PreemptionWatcher:
             self.received, self.received_at = signum, time.time()
             if self.on_signal is not None:
                 self.on_signal(signal.Signals(signum).name)
+        elif signum == signal.SIGTERM and self.received != signum and not self._term_seen:
+            # SIGTERM during a stop that began with the lead signal: maybe the limit itself (ask again).
+            self._term_seen = True
+            if self.on_signal is not None:
+                self.on_signal("SIGTERM")
 
     def should_stop(self, step: int) -> bool:
         """True on every rank at the same step once any rank has received a signal."""
@@ -157,6 +165,7 @@ class StopPlan:
     end: str  # attempts.json's `end` (see tsdia.experiment.attempts.ENDS)
     requeue: bool  # the job goes back in the queue (by us, or by Slurm itself)
     requeue_now: bool = False  # rank 0 must still call `scontrol requeue` (not done early, not Slurm's)
+    exclude: list[str] = field(default_factory=list)  # ExcNodeList to set once requeued (pending jobs only)
 
 
 class StopInspector:
@@ -173,8 +182,10 @@ class StopInspector:
         self._thread: threading.Thread | None = None
 
     def start(self, signal_name: str) -> None:
+        """Ask (again: a SIGTERM after the lead signal may be the time limit itself; the newest answer wins)."""
+        previous = self._thread
         self._thread = threading.Thread(
-            target=self._inspect, args=(signal_name,), name="tsdia-stop-inspector", daemon=True
+            target=self._inspect, args=(signal_name, previous), name="tsdia-stop-inspector", daemon=True
         )
         self._thread.start()
 
@@ -182,9 +193,14 @@ class StopInspector:
         if self._thread is not None:
             self._thread.join(timeout=60)
 
-    def _inspect(self, signal_name: str) -> None:
+    def _inspect(self, signal_name: str, previous: threading.Thread | None) -> None:
+        if previous is not None:
+            previous.join(timeout=60)  # one answer at a time, in order
         self.slurm_stop = slurm_stop_now(self.cluster, signal_name, self.slurm.signal_lead_s)
-        self.requeued_early = requeue_before_saving(self.save_dir, self.cluster, self.slurm, self.slurm_stop)
+        if not self.requeued_early:
+            self.requeued_early = requeue_before_saving(
+                self.save_dir, self.cluster, self.slurm, self.slurm_stop
+            )
 
 
 def slurm_stop_now(cluster: ClusterEnvironment, signal_name: str, lead_s: int) -> SlurmStop | None:
@@ -242,11 +258,12 @@ def plan_after_stop(
     )
     if requeued_early:
         requeue, why = True, "requeued before saving: Slurm's SIGKILL was due before the save could finish"
+    exclude: list[str] = []
     if requeue and failure is not None:
-        attempt.excluded_nodes = exclude_suspect_nodes(cluster.job_id, history)
+        attempt.excluded_nodes, exclude = plan_node_exclusion(cluster.job_id, history)
     record_attempt(save_dir, attempt)
     print(f"Stopped: {reason} at step {stop_step}; {'' if requeue else 'not '}requeueing: {why}.", flush=True)
-    return StopPlan(end, requeue=requeue, requeue_now=requeue and not requeued_early)
+    return StopPlan(end, requeue=requeue, requeue_now=requeue and not requeued_early, exclude=exclude)
 
 
 def requeue_before_saving(
@@ -296,24 +313,31 @@ def record_completed(
     )
 
 
-def exclude_suspect_nodes(job_id: str, history: list[AttemptRecord]) -> list[str]:
-    """Keep the requeued job off nodes that were in its last two failed attempts; returns what was excluded."""
+def plan_node_exclusion(job_id: str, history: list[AttemptRecord]) -> tuple[list[str], list[str]]:
+    """(suspects, the whole ExcNodeList to set) for nodes in the last two failed attempts; says so in the log.
+
+    Slurm changes ExcNodeList only while a job is pending, so `apply_node_exclusion` runs after the requeue.
+    """
     suspects = nodes_to_exclude(history)
     if not suspects:
-        return []
+        return [], []
     snapshot = job_snapshot(job_id)
-    already = list(snapshot.excluded_nodes) if snapshot else []
-    wanted = sorted(set(already) | set(suspects))
+    wanted = sorted(set(snapshot.excluded_nodes if snapshot else ()) | set(suspects))
     failures = ", ".join(a.end or a.reason for a in history[-2:])
-    if exclude_nodes(job_id, wanted):
-        print(
-            f"Excluding node(s) {', '.join(suspects)} from the requeued job: part of the last two failed "
-            f"attempts ({failures}). ExcNodeList={','.join(wanted)}",
-            flush=True,
+    print(
+        f"Excluding node(s) {', '.join(suspects)} from the requeued job: part of the last two failed attempts "
+        f"({failures}). ExcNodeList={','.join(wanted)}",
+        flush=True,
+    )
+    return suspects, wanted
+
+
+def apply_node_exclusion(job_id: str, nodes: list[str]) -> None:
+    """Set the requeued (pending) job's ExcNodeList; a failure is a warning, never an error."""
+    if nodes and not exclude_nodes(job_id, nodes):
+        logger.warning(
+            "Could not set ExcNodeList=%s on job %s (scontrol update failed).", ",".join(nodes), job_id
         )
-        return suspects
-    logger.warning("Could not exclude node(s) %s from job %s (scontrol update failed).", suspects, job_id)
-    return []
 
 
 def describe_stop(

@@ -27,6 +27,7 @@ from tsdia.training.preemption import (
     PreemptionWatcher,
     StopInspector,
     StopPlan,
+    apply_node_exclusion,
     plan_after_stop,
     record_completed,
 )
@@ -164,8 +165,9 @@ class Trainer:
             if plan is not None and plan.requeue:
                 if not crashed:
                     barrier()  # every rank has saved and closed its files before Slurm ends this attempt
-                if self.cluster.is_main and self.cluster.job_id and plan.requeue_now:
-                    requeue_job(self.cluster.job_id)
+                job_id = self.cluster.job_id if self.cluster.is_main else None
+                if job_id and plan.requeue_now and requeue_job(job_id):
+                    apply_node_exclusion(job_id, plan.exclude)
         return result
 
     def _plan_after_stop(self, failure: str | None = None) -> StopPlan:
@@ -192,7 +194,8 @@ class Trainer:
 
     def _start_stop_inspector(self, signal_name: str) -> None:
         """From the signal handler: ask Slurm now (off the main thread) why the job is being stopped."""
-        self._stop_inspector = StopInspector(self.attempt.save_dir, self.cluster, self.config.slurm)
+        if self._stop_inspector is None:
+            self._stop_inspector = StopInspector(self.attempt.save_dir, self.cluster, self.config.slurm)
         self._stop_inspector.start(signal_name)
 
     def _on_agreed_stop(self) -> None:
