@@ -177,10 +177,10 @@ def test_a_dead_tracker_service_is_dropped_with_one_warning_and_training_goes_on
 def test_ctrl_c_saves_records_interrupted_and_exits_130(tmp_path: Path) -> None:
     expected = reference(tmp_path)
     save_dir = tmp_path / "interrupted"
-    proc = start(tmp_path, save_dir, "training.logging.wandb=true")
+    proc = start(tmp_path, save_dir, "training.logging.wandb=true", "training.num_workers=1")
     wait_for_checkpoint(save_dir, proc)
     before = saved_steps(save_dir)
-    os.kill(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole group, DataLoader worker included
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == EXIT_INTERRUPTED, out + err
     assert "Ctrl-C: saving a checkpoint after the current step" in err and "Ctrl-C again to abort" in err
