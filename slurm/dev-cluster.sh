@@ -24,7 +24,7 @@ readonly DAEMON_OUT=$LOG_DIR/dev-cluster-daemons.out # stdout/stderr of the daem
 readonly CLUSTER_NAME=dev
 readonly NODE_PORT_BASE=17000 # node nI listens on 17000+I; slurmctld 6817, slurmdbd 6819
 # Bump when the generated configuration changes meaning, so a running cluster with an older one is restarted.
-readonly CONF_VERSION=3
+readonly CONF_VERSION=4
 # Local-only database password: mariadb listens on 127.0.0.1 and this is a throwaway dev cluster.
 readonly DB_PASS=tsdia-dev-cluster
 TIMEOUT_S=${DEV_CLUSTER_TIMEOUT:-60}
@@ -240,8 +240,9 @@ SlurmdParameters=config_overrides
 ReturnToService=2
 # Batch jobs are requeueable by default (scontrol requeue, submitit checkpoint/requeue, preemption).
 JobRequeue=1
-# Jobs in 'debug' are requeued when a job in 'urgent' needs their CPUs (real preemption for tests);
-# GraceTime on 'debug' gives them SIGTERM and that many seconds first.
+# Jobs in 'debug' and 'graced' are requeued when a job in 'urgent' needs their CPUs (real preemption for
+# tests). 'debug' has no GraceTime: SIGTERM to every process, SIGKILL after KillWait. 'graced' has
+# GraceTime=5: SIGTERM while the job still runs, the requeue (another SIGTERM) after the grace.
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 MpiDefault=none
@@ -255,6 +256,7 @@ MinJobAge=3600
 Waittime=0
 NodeName=n[1-$NODES] NodeHostname=$host NodeAddr=127.0.0.1 Port=$((NODE_PORT_BASE + 1))-$((NODE_PORT_BASE + NODES)) CPUs=$CPUS Sockets=1 CoresPerSocket=$CPUS ThreadsPerCore=1 RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=n[1-$NODES] Default=YES MaxTime=INFINITE State=UP PriorityTier=1
+PartitionName=graced Nodes=n[1-$NODES] Default=NO MaxTime=INFINITE State=UP PriorityTier=1 GraceTime=5
 PartitionName=urgent Nodes=n[1-$NODES] Default=NO MaxTime=INFINITE State=UP PriorityTier=10 PreemptMode=OFF
 EOF
     mv -f "$SLURM_CONF_FILE.tmp" "$SLURM_CONF_FILE"

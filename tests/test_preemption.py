@@ -73,7 +73,8 @@ def test_preempted_three_times_ends_bitwise_equal(tmp_path: Path) -> None:
         "training_resume_3.log",
     ]
     attempts = json.loads((part / "checkpoints" / "attempts.json").read_text())
-    assert [(a["start_step"], a["stop_step"]) for a in attempts] == [(0, 4), (4, 9), (9, 11)]
+    assert [(a["start_step"], a["stop_step"]) for a in attempts] == [(0, 4), (4, 9), (9, 11), (11, 16)]
+    assert [a["end"] for a in attempts] == ["signalled"] * 3 + ["completed"]
     info = json.loads((part / "wandb_info.json").read_text())
     run_dirs = list((part / "wandb").glob("offline-run-*"))
     assert len(run_dirs) == 4 and all(

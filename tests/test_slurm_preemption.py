@@ -134,9 +134,9 @@ def test_preempted_three_times_requeues_resumes_and_matches_an_uninterrupted_run
     logs = sorted(re.sub(r"_\d{8}_\d{6}", "", p.name) for p in (save_dir / "logs").glob("training_*.log"))
     assert logs == ["training.log", "training_resume_1.log", "training_resume_2.log", "training_resume_3.log"]
     attempts = json.loads((save_dir / "checkpoints" / "attempts.json").read_text())
-    assert [a["reason"] for a in attempts] == ["preemption (SIGUSR2)"] * 3
-    assert [a["restart_count"] for a in attempts] == [0, 1, 2]
-    stops = [a["stop_step"] for a in attempts]
+    assert [a["reason"] for a in attempts] == ["preemption (SIGUSR2)"] * 3 + ["completed"]
+    assert [a["restart_count"] for a in attempts] == [0, 1, 2, 3]
+    stops = [a["stop_step"] for a in attempts[:3]]
     assert stops == sorted(set(stops)) and stops[-1] < 32  # three different steps
     run_id = json.loads((save_dir / "wandb_info.json").read_text())["run_id"]
     runs = list((save_dir / "wandb").glob("offline-run-*"))
@@ -181,7 +181,8 @@ def test_time_limit_requeues_until_done(tmp_path: Path) -> None:
     state, code, restarts = wait_finished(job_id, 400)
     assert state == "COMPLETED" and restarts >= 1, (state, code, restarts)
     attempts = json.loads((save_dir / "checkpoints" / "attempts.json").read_text())
-    assert attempts and all(a["reason"].startswith(("time limit", "preemption")) for a in attempts)
+    assert attempts[-1]["end"] == "completed"
+    assert all(a["reason"].startswith(("time limit", "preemption")) for a in attempts[:-1])
     assert any(a["reason"].startswith("time limit") for a in attempts), attempts
     assert (save_dir / "checkpoint-epoch1-step32" / "manifest.json").exists()
 
@@ -219,5 +220,5 @@ def test_sbatch_template_path_traps_the_signal_and_requeues(tmp_path: Path) -> N
     assert (state, restarts) == ("COMPLETED", 1), (state, code, restarts)
     assert list((save_dir / "logs").glob("training_resume_1_*.log"))
     attempts = json.loads((save_dir / "checkpoints" / "attempts.json").read_text())
-    assert [a["reason"] for a in attempts] == ["preemption (SIGUSR2)"]
+    assert [a["reason"] for a in attempts] == ["preemption (SIGUSR2)", "completed"]
     assert (save_dir / "checkpoint-epoch1-step32" / "manifest.json").exists()

@@ -5,9 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import Callable, Sequence
 
-from tsdia.errors import EXIT_USAGE, TsdiaError
-
-EXIT_INTERRUPTED = 130
+from tsdia.errors import EXIT_INTERRUPTED, EXIT_USAGE, TsdiaError
 
 
 def run_cli(prog: str, run: Callable[[list[str]], int], argv: Sequence[str] | None = None) -> int:
@@ -21,5 +19,5 @@ def run_cli(prog: str, run: Callable[[list[str]], int], argv: Sequence[str] | No
         print(f"{prog}: error: {err}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
+        print(f"{prog}: aborted (Ctrl-C)", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -34,6 +34,7 @@ class ClusterEnvironment:
     restart_count: int = 0
     claim_token: str | None = None  # set by tsdia-submit: proves this job owns its experiment directory
     master_addr_reason: str = ""  # how master_addr was chosen (printed in rank 0's log)
+    nodes: tuple[str, ...] = ()  # the job's nodes (Slurm's node list; else this host): for attempts.json
 
     @property
     def is_main(self) -> bool:
@@ -64,6 +65,7 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnvironment:
         job_id = f"{env['SLURM_ARRAY_JOB_ID']}_{env['SLURM_ARRAY_TASK_ID']}"
     restart_count = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
     token = env.get(CLAIM_TOKEN_VAR) or None
+    job_nodes = _job_nodes(env)
     if "RANK" in env and "WORLD_SIZE" in env:
         world = int(env["WORLD_SIZE"])
         local_world = int(env.get("LOCAL_WORLD_SIZE", world))
@@ -80,6 +82,7 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnvironment:
             job_id=job_id,
             restart_count=restart_count,
             claim_token=token,
+            nodes=job_nodes,
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and _is_slurm_step(env):
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
@@ -105,6 +108,7 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnvironment:
             job_id=job_id,
             restart_count=restart_count,
             claim_token=token,
+            nodes=job_nodes,
         )
     return ClusterEnvironment(
         launcher="single",
@@ -112,7 +116,19 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnvironment:
         job_id=job_id,
         restart_count=restart_count,
         claim_token=token,
+        nodes=job_nodes,
     )
+
+
+def _job_nodes(env: Mapping[str, str]) -> tuple[str, ...]:
+    """Slurm's node list of the job when there is one, else this host's short name."""
+    nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
+    if nodelist:
+        try:
+            return tuple(expand_hostlist(nodelist))
+        except ValueError:
+            pass
+    return (socket.gethostname().split(".")[0],)
 
 
 def _is_slurm_step(env: Mapping[str, str]) -> bool:

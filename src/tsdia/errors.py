@@ -9,6 +9,9 @@ from __future__ import annotations
 EXIT_USAGE = 2  # bad input or a refused experiment: the user must change something
 EXIT_REQUEUED = 3  # stopped on a signal, saved, and the Slurm job was requeued: it will resume by itself
 EXIT_STOPPED = 4  # stopped on a signal and saved, but not requeued: resume with `resume: latest`
+EXIT_INTERRUPTED = (
+    130  # Ctrl-C (SIGINT): saved and stopped (first Ctrl-C) or aborted (second); the shell's 128+2
+)
 
 
 class TsdiaError(Exception):

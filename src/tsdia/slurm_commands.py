@@ -137,12 +137,6 @@ def parse_duration(text: str) -> int | None:
     return None
 
 
-def time_left_s(job_id: str, run: Runner = _run) -> int | None:
-    """Seconds until the job's time limit, from squeue (None if unknown or unlimited)."""
-    out = run(["squeue", "-h", "-j", job_id, "-o", "%L"])
-    return parse_duration(out.strip()) if out else None
-
-
 def requeue_job(job_id: str) -> bool:
     """`scontrol requeue`: Slurm ends this attempt and reruns the job (same id, restart count + 1).
 
@@ -201,3 +195,104 @@ def query_jobs(job_ids: Sequence[str], run: Runner = _run) -> dict[str, JobInfo]
             if job_id in wanted and job_id not in jobs and state:
                 jobs[job_id] = JobInfo(state.split()[0], exit_code=exit_code, source="sacct")
     return jobs
+
+
+# What `scontrol show job` says at the moment a job's processes receive SIGTERM (measured on Slurm 22.05,
+# FACTS.md §4): partition preemption -> COMPLETING with Restarts already + 1 (Slurm requeues it itself);
+# a node set DOWN -> PENDING with Restarts + 1 (requeued before the signal arrives); plain `scancel` ->
+# COMPLETING, Restarts unchanged; the time limit -> COMPLETING, Reason=TimeLimit; GraceTime preemption and
+# `scancel --signal` -> still RUNNING (Slurm has not decided anything yet).
+_FIELD = re.compile(r"\b(JobState|Reason|Restarts|RunTime|TimeLimit|NodeList|ExcNodeList)=(\S*)")
+_REQUEUED_STATES = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING"})
+
+
+@dataclass(frozen=True)
+class JobSnapshot:
+    """One `scontrol show job` reading: enough to tell how Slurm is stopping the job."""
+
+    state: str
+    reason: str
+    restarts: int
+    time_left_s: int | None  # None: no limit (or unreadable)
+    nodes: tuple[str, ...]
+    excluded_nodes: tuple[str, ...]
+
+
+def job_snapshot(job_id: str, run: Runner = _run) -> JobSnapshot | None:
+    """The job as slurmctld sees it now (one `scontrol show job` call), or None when it cannot be asked."""
+    out = run(["scontrol", "show", "job", "-o", job_id])
+    if not out:
+        return None
+    fields = dict(_FIELD.findall(out))
+    if "JobState" not in fields:
+        return None
+    limit = parse_duration(fields.get("TimeLimit", ""))
+    elapsed = parse_duration(fields.get("RunTime", ""))
+    return JobSnapshot(
+        state=fields["JobState"],
+        reason=fields.get("Reason", "None"),
+        restarts=int(fields["Restarts"]) if fields.get("Restarts", "").isdigit() else 0,
+        time_left_s=None if limit is None or elapsed is None else limit - elapsed,
+        nodes=tuple(_hosts(fields.get("NodeList", ""))),
+        excluded_nodes=tuple(_hosts(fields.get("ExcNodeList", ""))),
+    )
+
+
+def _hosts(hostlist: str) -> list[str]:
+    from tsdia.cluster import expand_hostlist
+
+    if hostlist in ("", "(null)"):
+        return []
+    try:
+        return expand_hostlist(hostlist)
+    except ValueError:
+        return []
+
+
+@dataclass(frozen=True)
+class SlurmStop:
+    """How Slurm is stopping this attempt, told from a `JobSnapshot` taken when the signal arrived."""
+
+    end: str  # preempted, node_failure, cancelled, time_limit, or signalled (Slurm has not acted yet)
+    words: str  # for the log and attempts.json
+    requeued_by_slurm: bool  # Slurm puts the job back in the queue itself: do not requeue it again
+    kill_is_near: bool  # SIGKILL follows within KillWait: requeue before saving, not after
+    state: str = ""  # what scontrol said, e.g. "COMPLETING Reason=None Restarts=1" (for attempts.json)
+
+
+def classify_slurm_stop(
+    snapshot: JobSnapshot | None, signal_name: str, restart_count: int, lead_s: int
+) -> SlurmStop:
+    """Tell preemption, node failure, cancel and time limit apart (see the measurements above)."""
+    stop = _classify(snapshot, signal_name, restart_count, lead_s)
+    if snapshot is None:
+        return stop
+    said = f"{snapshot.state} Reason={snapshot.reason} Restarts={snapshot.restarts}"
+    return SlurmStop(stop.end, stop.words, stop.requeued_by_slurm, stop.kill_is_near, said)
+
+
+def _classify(snapshot: JobSnapshot | None, signal_name: str, restart_count: int, lead_s: int) -> SlurmStop:
+    if snapshot is None:
+        return SlurmStop(
+            "signalled", f"stop requested ({signal_name}; Slurm could not be asked why)", False, False
+        )
+    state = snapshot.state
+    if snapshot.reason == "TimeLimit" or state == "TIMEOUT":
+        return SlurmStop("time_limit", f"time limit reached ({signal_name})", False, True)
+    if snapshot.restarts > restart_count:
+        if state in _REQUEUED_STATES:
+            return SlurmStop("node_failure", f"node failure ({signal_name}; requeued by Slurm)", True, True)
+        return SlurmStop("preempted", f"preempted ({signal_name}; requeued by Slurm)", True, True)
+    if state in ("COMPLETING", "CANCELLED"):
+        return SlurmStop("cancelled", f"cancelled ({signal_name})", False, True)
+    left = snapshot.time_left_s
+    # The lead signal (`--signal=USR2@lead`) comes within Slurm's ~30 s check after `lead` s are left. A
+    # SIGTERM while RUNNING is never it (GraceTime preemption, `scancel --signal=TERM`), however close the limit.
+    if signal_name != "SIGTERM" and left is not None and left <= lead_s + 30:
+        return SlurmStop("time_limit", f"time limit ({signal_name}, {left} s left)", False, False)
+    return SlurmStop("preempted", f"preemption ({signal_name})", False, False)
+
+
+def exclude_nodes(job_id: str, nodes: list[str], run: Runner = _run) -> bool:
+    """`scontrol update jobid=ID ExcNodeList=...`: the requeued job will not run on these nodes."""
+    return run(["scontrol", "update", f"jobid={job_id}", f"ExcNodeList={','.join(nodes)}"]) is not None

@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from tsdia.cli import run_cli
-from tsdia.errors import EXIT_REQUEUED, EXIT_STOPPED
+from tsdia.errors import EXIT_INTERRUPTED, EXIT_REQUEUED, EXIT_STOPPED
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -34,6 +34,8 @@ def run(argv: Sequence[str] | None = None) -> int:
     result = trainer.train()
     ignore_stop_signals(stop_signals)  # everything is saved: a late signal must not fail the job
     if result.stopped_early:
+        if result.end == "interrupted":
+            return EXIT_INTERRUPTED
         return EXIT_REQUEUED if result.requeued else EXIT_STOPPED
     if trainer.cluster.is_main:
         print(f"Done: {result.global_step} steps; experiment in {result.save_dir}")
@@ -43,7 +45,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point: user errors print one clear message and exit 2 (traceback with --debug)."""
     code = run_cli("tsdia-train", run, argv)
-    if code in (EXIT_REQUEUED, EXIT_STOPPED):
+    if code in (EXIT_REQUEUED, EXIT_STOPPED, EXIT_INTERRUPTED):
         # Stopped by a signal: the checkpoint is complete and every file and tracker is closed. Skip the
         # interpreter's teardown of the model and optimizer (about a second) while the deadline runs.
         sys.stdout.flush()

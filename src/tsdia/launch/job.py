@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 
 from tsdia.cluster import CLAIM_TOKEN_VAR
-from tsdia.errors import EXIT_REQUEUED, EXIT_STOPPED, TsdiaError
+from tsdia.errors import EXIT_INTERRUPTED, EXIT_REQUEUED, EXIT_STOPPED, TsdiaError
 
 
 class JobFailedError(TsdiaError):
@@ -58,8 +58,13 @@ def finish(status: int) -> int:
         raise SystemExit(0)
     if status == EXIT_STOPPED:
         raise JobFailedError(
-            "training stopped on a signal and saved, but the job was not requeued (see the training log for "
-            "why); submit again with training.checkpoint.resume=latest to continue"
+            "training stopped on a signal and saved, but the job was not requeued (cancelled, or see the "
+            "training log for why); submit again with training.checkpoint.resume=latest to continue"
+        )
+    if status == EXIT_INTERRUPTED:
+        raise JobFailedError(
+            "training was interrupted (SIGINT) and saved; submit again with training.checkpoint.resume=latest "
+            "to continue"
         )
     raise JobFailedError(f"training exited with status {status}")
 

@@ -23,9 +23,9 @@ from tsdia.experiment.layout import CONFIG_FILE, LOGS_DIR, RANK_LOGS_DIR, STORE_
 from tsdia.experiment.lock import ExperimentLock
 from tsdia.fileio import atomic_write_text
 from tsdia.training.distributed import barrier, broadcast_object
-from tsdia.training.logging_utils import init_trackers, save_wandb_info, setup_file_logger
+from tsdia.training.logging_utils import init_trackers, record_wandb_loss, save_wandb_info, setup_file_logger
 from tsdia.training.tee import ConsoleTee
-from tsdia.training.trackers import Trackers, WandbSettings, read_wandb_run_id
+from tsdia.training.trackers import Tracker, Trackers, WandbSettings, WandbTracker, read_wandb_run_id
 
 logger = logging.getLogger(__name__)
 
@@ -176,7 +176,13 @@ class Attempt:
         )
         if wandb_tracker is not None:
             save_wandb_info(wandb_tracker, self.save_dir)
+        self.trackers.on_lost = self._tracker_lost
         return self.trackers
+
+    def _tracker_lost(self, tracker: Tracker, step: int, error: BaseException) -> None:
+        """A tracker died mid-attempt (see `Trackers`): say in wandb_info.json which steps WandB misses."""
+        if isinstance(tracker, WandbTracker):
+            record_wandb_loss(self.save_dir, self.decision.resume_index, step, error)
 
     def record_crash(self) -> None:
         """Put the traceback in this rank's log now: Python prints it only after the tee is gone."""

@@ -17,8 +17,12 @@ logger = logging.getLogger(__name__)
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """Workers leave preemption signals to the main process, which saves and then ends them."""
-    for name in ("SIGUSR1", "SIGUSR2", "SIGTERM"):
+    """Workers leave stop signals to the main process, which saves and then ends them.
+
+    Slurm signals every process of the job and a terminal's Ctrl-C reaches the whole foreground process
+    group: a worker that died of it would turn the stop into a "worker exited unexpectedly" crash.
+    """
+    for name in ("SIGUSR1", "SIGUSR2", "SIGTERM", "SIGINT"):
         signal.signal(signal.Signals[name], signal.SIG_IGN)
 
 

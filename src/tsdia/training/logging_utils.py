@@ -86,5 +86,25 @@ def save_wandb_info(tracker: WandbTracker, save_dir: str | Path) -> dict[str, An
     if tracker.mode == "offline":
         info["offline_run_dir"] = tracker.offline_dir()
         info["sync_command"] = tracker.sync_command()
+    lost = _read_wandb_info(save_dir).get("lost")
+    if lost:  # what earlier attempts of this run lost stays on record
+        info["lost"] = lost
     atomic_write_text(Path(save_dir) / WANDB_INFO, json.dumps(info, indent=2))
     return info
+
+
+def record_wandb_loss(save_dir: str | Path, attempt: int, since_step: int, error: BaseException) -> None:
+    """Add to `wandb_info.json` that this attempt's WandB run misses every step from `since_step` on."""
+    info = _read_wandb_info(save_dir)
+    info.setdefault("lost", []).append(
+        {"attempt": attempt, "since_step": since_step, "error": f"{type(error).__name__}: {error}"}
+    )
+    atomic_write_text(Path(save_dir) / WANDB_INFO, json.dumps(info, indent=2))
+
+
+def _read_wandb_info(save_dir: str | Path) -> dict[str, Any]:
+    try:
+        data = json.loads((Path(save_dir) / WANDB_INFO).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}

@@ -10,17 +10,20 @@ being stopped without getting past its last checkpoint is not requeued forever.
 from __future__ import annotations
 
 import logging
+import os
 import signal
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Any
 
 from tsdia.cluster import ClusterEnvironment
 from tsdia.config.schema import SlurmConfig
-from tsdia.experiment.attempts import AttemptRecord, record_attempt
-from tsdia.slurm_commands import time_left_s
+from tsdia.experiment.attempts import AttemptRecord, nodes_to_exclude, read_attempts, record_attempt
+from tsdia.slurm_commands import SlurmStop, classify_slurm_stop, exclude_nodes, job_snapshot, requeue_job
 
 logger = logging.getLogger(__name__)
 
@@ -47,13 +50,36 @@ def ignore_stop_signals(signals: Sequence[str]) -> None:
         signal.signal(signal.Signals[name], signal.SIG_IGN)
 
 
+INTERRUPT_NOTICE = (
+    "\nCtrl-C: saving a checkpoint after the current step, then stopping. Press Ctrl-C again to abort "
+    "without saving (the newest complete checkpoint stays valid).\n"
+)
+
+
 class PreemptionWatcher:
-    """Installs flag-only signal handlers; `should_stop()` makes every rank agree on when to stop."""
+    """Installs flag-only signal handlers; `should_stop()` makes every rank agree on when to stop.
+
+    SIGINT (Ctrl-C, `scancel --signal=INT`) is a stop too: the first one is flagged like the others and
+    announced at once on the console; a second one raises `KeyboardInterrupt` (abort, no stop checkpoint).
+    """
 
     def __init__(
-        self, signals: Sequence[str], check_interval: int, distributed: bool, device: Any = "cpu"
+        self,
+        signals: Sequence[str],
+        check_interval: int,
+        distributed: bool,
+        device: Any = "cpu",
+        announce: bool = True,
+        on_signal: Callable[[str], None] | None = None,
     ) -> None:
-        self.signal_numbers = [signal.Signals[name] for name in signals]
+        names = list(dict.fromkeys([*signals, "SIGINT"]))
+        self.signal_numbers = [signal.Signals[name] for name in names]
+        self.announce = announce  # print the Ctrl-C notice (one process per node)
+        self.on_signal = (
+            on_signal  # called with the first signal's name, and a later SIGTERM's (returns at once)
+        )
+        self._term_seen = False
+        self.interrupts = 0
         self.check_interval = check_interval
         self.distributed = distributed
         self.device = device
@@ -65,6 +91,8 @@ class PreemptionWatcher:
     def install(self) -> None:
         for number in self.signal_numbers:
             self._previous[number] = signal.signal(number, self._handle)
+        if self.received is not None and self.on_signal is not None:
+            self.on_signal(signal.Signals(self.received).name)
 
     def uninstall(self) -> None:
         for number, handler in self._previous.items():
@@ -73,8 +101,21 @@ class PreemptionWatcher:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         # Nothing else here: saving inside a handler can deadlock (locks held by the interrupted code).
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt  # the second Ctrl-C: abort now
+            if self.announce:
+                os.write(2, INTERRUPT_NOTICE.encode())  # not print(): a handler may interrupt a print
         if self.received is None:
             self.received, self.received_at = signum, time.time()
+            if self.on_signal is not None:
+                self.on_signal(signal.Signals(signum).name)
+        elif signum == signal.SIGTERM and self.received != signum and not self._term_seen:
+            # SIGTERM during a stop that began with the lead signal: maybe the limit itself (ask again).
+            self._term_seen = True
+            if self.on_signal is not None:
+                self.on_signal("SIGTERM")
 
     def should_stop(self, step: int) -> bool:
         """True on every rank at the same step once any rank has received a signal."""
@@ -117,6 +158,58 @@ def decide_requeue(
     return True, f"requeue {restart_count + 1} of at most {max_requeues}"
 
 
+@dataclass
+class StopPlan:
+    """What happens after a stop, decided by rank 0 and broadcast to every rank."""
+
+    end: str  # attempts.json's `end` (see tsdia.experiment.attempts.ENDS)
+    requeue: bool  # the job goes back in the queue (by us, or by Slurm itself)
+    requeue_now: bool = False  # rank 0 must still call `scontrol requeue` (not done early, not Slurm's)
+    exclude: list[str] = field(default_factory=list)  # ExcNodeList to set once requeued (pending jobs only)
+
+
+class StopInspector:
+    """Rank 0 of a Slurm job: reads Slurm's view of the stop in a thread started from the signal handler.
+
+    At once, because what scontrol says changes within seconds, and because at the time limit the requeue
+    must not wait for the current step to end (SIGKILL may come first).
+    """
+
+    def __init__(self, save_dir: Path, cluster: ClusterEnvironment, slurm: SlurmConfig) -> None:
+        self.save_dir, self.cluster, self.slurm = save_dir, cluster, slurm
+        self.slurm_stop: SlurmStop | None = None
+        self.requeued_early = False
+        self._thread: threading.Thread | None = None
+
+    def start(self, signal_name: str) -> None:
+        """Ask (again: a SIGTERM after the lead signal may be the time limit itself; the newest answer wins)."""
+        previous = self._thread
+        self._thread = threading.Thread(
+            target=self._inspect, args=(signal_name, previous), name="tsdia-stop-inspector", daemon=True
+        )
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+
+    def _inspect(self, signal_name: str, previous: threading.Thread | None) -> None:
+        if previous is not None:
+            previous.join(timeout=60)  # one answer at a time, in order
+        self.slurm_stop = slurm_stop_now(self.cluster, signal_name, self.slurm.signal_lead_s)
+        if not self.requeued_early:
+            self.requeued_early = requeue_before_saving(
+                self.save_dir, self.cluster, self.slurm, self.slurm_stop
+            )
+
+
+def slurm_stop_now(cluster: ClusterEnvironment, signal_name: str, lead_s: int) -> SlurmStop | None:
+    """How Slurm is stopping this job, asked the moment the ranks agreed to stop (rank 0; None off Slurm)."""
+    if cluster.job_id is None or signal_name == "SIGINT":
+        return None
+    return classify_slurm_stop(job_snapshot(cluster.job_id), signal_name, cluster.restart_count, lead_s)
+
+
 def plan_after_stop(
     *,
     save_dir: Path,
@@ -126,12 +219,17 @@ def plan_after_stop(
     start_step: int,
     stop_step: int,
     signal_name: str | None,
-) -> bool:
-    """Record this attempt, print why it stopped and what happens next, and return whether to requeue.
+    slurm_stop: SlurmStop | None = None,
+    requeued_early: bool = False,
+    failure: str | None = None,
+    ranks: Sequence[int] = (),
+) -> StopPlan:
+    """Record this attempt, print why it stopped and what happens next, and return the plan.
 
-    `signal_name` None means a crash. Rank 0 only; it runs while the log tee is still open.
+    A signal stop passes `signal_name` (and `slurm_stop`, read when the stop was agreed); a failure
+    passes `failure` ("crash", "hang") and no signal. Rank 0 only; it runs while the log tee is open.
     """
-    reason = classify_stop(signal_name, cluster.job_id, slurm.signal_lead_s)
+    end, reason = describe_stop(signal_name, failure, slurm_stop, cluster.job_id)
     attempt = AttemptRecord(
         resume_index=resume_index,
         job_id=cluster.job_id,
@@ -140,29 +238,120 @@ def plan_after_stop(
         stop_step=stop_step,
         reason=reason,
         time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        end=end,
+        nodes=list(cluster.nodes),
+        ranks=list(ranks),
+        slurm_state=slurm_stop.state if slurm_stop else None,
     )
-    history = record_attempt(save_dir, attempt)
-    if cluster.job_id is None:
-        print(
-            f"Stopped: {reason} at step {stop_step}. Resume with training.checkpoint.resume=latest.",
-            flush=True,
-        )
-        return False
-    crashed = signal_name is None
+    history = [*read_attempts(save_dir), attempt]
+    if cluster.job_id is None or end in ("interrupted", "cancelled", "aborted"):
+        record_attempt(save_dir, attempt)
+        hint = "" if cluster.job_id else " Resume with training.checkpoint.resume=latest."
+        print(f"Stopped: {reason} at step {stop_step}; not requeueing.{hint}", flush=True)
+        return StopPlan(end, requeue=False)
+    if slurm_stop is not None and slurm_stop.requeued_by_slurm:
+        record_attempt(save_dir, attempt)
+        print(f"Stopped: {reason} at step {stop_step}; Slurm requeues the job itself.", flush=True)
+        return StopPlan(end, requeue=True)
     requeue, why = decide_requeue(
-        history, cluster.restart_count, slurm.max_requeues, crashed, slurm.requeue_on_crash
+        history, cluster.restart_count, slurm.max_requeues, failure is not None, slurm.requeue_on_crash
     )
+    if requeued_early:
+        requeue, why = True, "requeued before saving: Slurm's SIGKILL was due before the save could finish"
+    exclude: list[str] = []
+    if requeue and failure is not None:
+        attempt.excluded_nodes, exclude = plan_node_exclusion(cluster.job_id, history)
+    record_attempt(save_dir, attempt)
     print(f"Stopped: {reason} at step {stop_step}; {'' if requeue else 'not '}requeueing: {why}.", flush=True)
-    return requeue
+    return StopPlan(end, requeue=requeue, requeue_now=requeue and not requeued_early, exclude=exclude)
 
 
-def classify_stop(signal_name: str | None, job_id: str | None, lead_s: int) -> str:
-    """preemption, time limit, or a plain stop request, from the signal and the job's time left."""
-    if signal_name is None:
-        return "crash"
+def requeue_before_saving(
+    save_dir: Path, cluster: ClusterEnvironment, slurm: SlurmConfig, slurm_stop: SlurmStop | None
+) -> bool:
+    """At the time limit itself SIGKILL follows within KillWait, maybe before the save ends: requeue first.
+
+    A TIMEOUT job is never requeued by Slurm, and a process killed mid-save cannot requeue afterwards;
+    requeued now, the next attempt resumes from the stop checkpoint if it completes, else from the newest
+    complete one. Bounded like any requeue (rank 0).
+    """
+    if (
+        cluster.job_id is None
+        or slurm_stop is None
+        or slurm_stop.end != "time_limit"
+        or not slurm_stop.kill_is_near
+    ):
+        return False
+    requeue, why = decide_requeue(
+        read_attempts(save_dir), cluster.restart_count, slurm.max_requeues, False, False
+    )
+    if not requeue:
+        return False
+    requeued = requeue_job(cluster.job_id)
+    if requeued:
+        print(f"Time limit reached: requeued job {cluster.job_id} before saving ({why}).", flush=True)
+    return requeued
+
+
+def record_completed(
+    save_dir: Path, cluster: ClusterEnvironment, resume_index: int, start_step: int, stop_step: int
+) -> None:
+    """The attempt that finished training: its record closes the history (rank 0)."""
+    record_attempt(
+        save_dir,
+        AttemptRecord(
+            resume_index=resume_index,
+            job_id=cluster.job_id,
+            restart_count=cluster.restart_count,
+            start_step=start_step,
+            stop_step=stop_step,
+            reason="completed",
+            time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            end="completed",
+            nodes=list(cluster.nodes),
+        ),
+    )
+
+
+def plan_node_exclusion(job_id: str, history: list[AttemptRecord]) -> tuple[list[str], list[str]]:
+    """(suspects, the whole ExcNodeList to set) for nodes in the last two failed attempts; says so in the log.
+
+    Slurm changes ExcNodeList only while a job is pending, so `apply_node_exclusion` runs after the requeue.
+    """
+    suspects = nodes_to_exclude(history)
+    if not suspects:
+        return [], []
+    snapshot = job_snapshot(job_id)
+    wanted = sorted(set(snapshot.excluded_nodes if snapshot else ()) | set(suspects))
+    failures = ", ".join(a.end or a.reason for a in history[-2:])
+    print(
+        f"Excluding node(s) {', '.join(suspects)} from the requeued job: part of the last two failed attempts "
+        f"({failures}). ExcNodeList={','.join(wanted)}",
+        flush=True,
+    )
+    return suspects, wanted
+
+
+def apply_node_exclusion(job_id: str, nodes: list[str]) -> None:
+    """Set the requeued (pending) job's ExcNodeList; a failure is a warning, never an error."""
+    if nodes and not exclude_nodes(job_id, nodes):
+        logger.warning(
+            "Could not set ExcNodeList=%s on job %s (scontrol update failed).", ",".join(nodes), job_id
+        )
+
+
+def describe_stop(
+    signal_name: str | None, failure: str | None, slurm_stop: SlurmStop | None, job_id: str | None
+) -> tuple[str, str]:
+    """(end, reason in words) of an attempt that did not complete."""
+    if failure == "aborted":
+        return "aborted", "aborted (second SIGINT; no stop checkpoint)"
+    if failure is not None or signal_name is None:
+        return (failure or "crash"), (failure or "crash")
+    if signal_name == "SIGINT":
+        return "interrupted", "interrupted (SIGINT)"
+    if slurm_stop is not None:
+        return slurm_stop.end, slurm_stop.words
     if job_id is None:
-        return f"stop requested ({signal_name})"
-    left = time_left_s(job_id)
-    if left is not None and left <= lead_s + 90:
-        return f"time limit ({signal_name}, {left} s left)"
-    return f"preemption ({signal_name})"
+        return "signalled", f"stop requested ({signal_name})"
+    return "signalled", f"stop requested ({signal_name}; Slurm could not be asked why)"

@@ -6,11 +6,12 @@ an empty `Trackers`, so call sites never check ranks. wandb and tensorboard are 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import netrc
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,16 +27,53 @@ class Tracker(Protocol):
 
     def finish(self) -> None: ...
 
+    def abandon(self) -> None:
+        """Release what a broken tracker holds, without raising or waiting on a dead service."""
+        ...
+
+
+TrackerLost = Callable[["Tracker", int, BaseException], None]
+
 
 class Trackers:
-    """Fans every call out to the enabled trackers."""
+    """Fans every call out to the enabled trackers; a tracker that fails is dropped, never the training.
 
-    def __init__(self, trackers: list[Tracker] | None = None) -> None:
+    Trackers are best-effort: a dead service (WandB's `wandb-core` killed by the job's SIGTERM, a full disk
+    under TensorBoard) must not turn a stop into a crash or kill hours of training. The first failure of a
+    tracker is one warning line naming it and the error; the tracker is then closed and skipped for the rest
+    of the attempt, and `on_lost(tracker, step, error)` records what was lost (see `Attempt`).
+    """
+
+    def __init__(self, trackers: list[Tracker] | None = None, on_lost: TrackerLost | None = None) -> None:
         self.trackers = trackers or []
+        self.on_lost = on_lost
+        self.lost: dict[str, str] = {}  # tracker name -> the error that disabled it
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        for tracker in self.trackers:
-            tracker.log(metrics, step)
+        for tracker in list(self.trackers):
+            try:
+                tracker.log(metrics, step)
+            except Exception as err:
+                self._drop(tracker, step, err)
+
+    def _drop(self, tracker: Tracker, step: int, err: BaseException) -> None:
+        name = tracker_name(tracker)
+        self.trackers.remove(tracker)
+        self.lost[name] = f"{type(err).__name__}: {err}"
+        logger.warning(
+            "%s failed at step %d (%s: %s); it is disabled for the rest of this attempt, training goes on.",
+            name,
+            step,
+            type(err).__name__,
+            err,
+        )
+        with contextlib.suppress(Exception):  # already broken: closing is only a courtesy
+            tracker.abandon()
+        if self.on_lost is not None:
+            try:
+                self.on_lost(tracker, step, err)
+            except Exception as record_err:
+                logger.warning("Could not record the loss of %s: %s", name, record_err)
 
     def finish(self) -> None:
         """Close every tracker; one that fails (e.g. wandb's service killed by a signal) is only logged."""
@@ -43,10 +81,19 @@ class Trackers:
             try:
                 tracker.finish()
             except Exception as err:
-                logger.warning("Closing %s failed: %s", type(tracker).__name__, err)
+                logger.warning("Closing %s failed: %s", tracker_name(tracker), err)
+                with contextlib.suppress(Exception):
+                    tracker.abandon()
+        self.trackers = []
 
     def __bool__(self) -> bool:
         return bool(self.trackers)
+
+
+def tracker_name(tracker: Tracker) -> str:
+    return {"WandbTracker": "WandB", "TensorBoardTracker": "TensorBoard"}.get(
+        type(tracker).__name__, type(tracker).__name__
+    )
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -97,6 +144,9 @@ class TensorBoardTracker:
         self.writer.flush()
 
     def finish(self) -> None:
+        self.writer.close()
+
+    def abandon(self) -> None:
         self.writer.close()
 
 
@@ -158,6 +208,13 @@ class WandbTracker:
 
     def finish(self) -> None:
         self.run.finish()
+
+    def abandon(self) -> None:
+        """The service is gone: drop wandb's connection now, so its exit hook prints no traceback later."""
+        import wandb
+
+        with contextlib.suppress(Exception):  # raises the same "Connection lost", but disarms the exit hook
+            wandb.teardown()
 
 
 def resolve_wandb_mode(mode: str) -> str:

@@ -25,7 +25,14 @@ from tsdia.training.checkpointer import Checkpointer
 from tsdia.training.components import build_optimizer, build_scheduler
 from tsdia.training.data import shutdown_workers
 from tsdia.training.distributed import barrier, broadcast_object, build_accelerator, deepspeed_config
-from tsdia.training.preemption import PreemptionWatcher, plan_after_stop
+from tsdia.training.preemption import (
+    PreemptionWatcher,
+    StopInspector,
+    StopPlan,
+    apply_node_exclusion,
+    plan_after_stop,
+    record_completed,
+)
 from tsdia.training.trackers import Trackers
 
 logger = logging.getLogger(__name__)
@@ -44,6 +51,7 @@ class TrainResult:
     stopped_early: bool = False
     stop_reason: str | None = None  # the signal that stopped it early (e.g. SIGUSR2)
     requeued: bool = False  # the Slurm job was put back in the queue and will resume by itself
+    end: str | None = None  # how a stopped attempt ended (attempts.json's `end`, e.g. "interrupted")
 
 
 @dataclass
@@ -96,6 +104,7 @@ class Trainer:
         self._progress_writer: ProgressWriter | None = None  # rank 0: logs/progress.json for `tsdia status`
         self._loss_sum = torch.zeros(())  # training loss summed since the last log line (on the device)
         self._loss_count = 0
+        self._stop_inspector: StopInspector | None = None  # rank 0 of a Slurm job: asks Slurm why we stop
 
     @property
     def attempt(self) -> Attempt:
@@ -124,38 +133,50 @@ class Trainer:
         self._attempt = attempt = Attempt(self.config, self.cluster, decision, lock)
         preemption = training.preemption
         self._watcher = watcher = PreemptionWatcher(
-            preemption.signals, preemption.check_interval, accelerator.num_processes > 1, accelerator.device
+            preemption.signals,
+            preemption.check_interval,
+            accelerator.num_processes > 1,
+            accelerator.device,
+            announce=self.cluster.local_rank == 0,
+            on_signal=self._start_stop_inspector if self.cluster.is_main and self.cluster.job_id else None,
         )
         watcher.install()
-        requeue = crashed = False
+        plan: StopPlan | None = None
+        crashed = False
         try:
             attempt.start_logging()
             attempt.write_config()
             result = self._run()
             if result.stopped_early:
-                requeue = bool(broadcast_object(self._plan_after_stop(crashed=False)))
-                result.stop_reason, result.requeued = watcher.stop_signal, requeue
+                plan = StopPlan(**broadcast_object(asdict(self._plan_after_stop())))
+                result.stop_reason, result.requeued, result.end = watcher.stop_signal, plan.requeue, plan.end
+            elif self.cluster.is_main:
+                self._record_completed(result.global_step)
         except BaseException as err:
             crashed = True
             attempt.record_crash()
             if self._checkpointer is not None:
                 self._checkpointer.abandon()
-            requeue = isinstance(err, Exception) and self._plan_after_stop(crashed=True)
+            if isinstance(err, Exception):
+                plan = self._plan_after_stop(failure="crash")
+            elif isinstance(err, KeyboardInterrupt) and watcher.interrupts > 1:
+                self._plan_after_stop(failure="aborted")
             raise
         finally:
             watcher.uninstall()
             attempt.close()
-            if requeue:
+            if plan is not None and plan.requeue:
                 if not crashed:
                     barrier()  # every rank has saved and closed its files before Slurm ends this attempt
-                if self.cluster.is_main and self.cluster.job_id:
-                    requeue_job(self.cluster.job_id)
+                job_id = self.cluster.job_id if self.cluster.is_main else None
+                if job_id and plan.requeue_now and requeue_job(job_id):
+                    apply_node_exclusion(job_id, plan.exclude)
         return result
 
-    def _plan_after_stop(self, crashed: bool) -> bool:
+    def _plan_after_stop(self, failure: str | None = None) -> StopPlan:
         """Rank 0 records the attempt and says (in the log) whether the job will be requeued."""
         if not self.cluster.is_main:
-            return False
+            return StopPlan(end="", requeue=False)
         return plan_after_stop(
             save_dir=self.attempt.save_dir,
             cluster=self.cluster,
@@ -163,8 +184,31 @@ class Trainer:
             resume_index=self.attempt.decision.resume_index,
             start_step=self.start_step,
             stop_step=self.progress.global_step,
-            signal_name=None if crashed else self.watcher.stop_signal,
+            signal_name=None if failure else self.watcher.stop_signal,
+            slurm_stop=self._stop_inspector.slurm_stop if self._stop_inspector else None,
+            requeued_early=bool(self._stop_inspector and self._stop_inspector.requeued_early),
+            failure=failure,
         )
+
+    def _record_completed(self, step: int) -> None:
+        record_completed(
+            self.attempt.save_dir, self.cluster, self.attempt.decision.resume_index, self.start_step, step
+        )
+
+    def _start_stop_inspector(self, signal_name: str) -> None:
+        """From the signal handler: ask Slurm now (off the main thread) why the job is being stopped."""
+        if self._stop_inspector is None:
+            self._stop_inspector = StopInspector(self.attempt.save_dir, self.cluster, self.config.slurm)
+        self._stop_inspector.start(signal_name)
+
+    def _on_agreed_stop(self) -> None:
+        """Rank 0, once the ranks agreed to stop: wait for Slurm's answer (ask now if a peer had the signal)."""
+        if not (self.cluster.is_main and self.cluster.job_id):
+            return
+        if self._stop_inspector is None:
+            self._start_stop_inspector(self.watcher.stop_signal or "")
+        assert self._stop_inspector is not None
+        self._stop_inspector.wait()
 
     def _run(self) -> TrainResult:
         """Prepare model, optimizer and data, write the run's artifacts, restore a checkpoint, then loop."""
@@ -322,6 +366,7 @@ class Trainer:
             if step >= total_steps:
                 return False
             if self.watcher.should_stop(step):
+                self._on_agreed_stop()
                 return True
         return False
 
