@@ -34,6 +34,7 @@ class ClusterEnvironment:
     restart_count: int = 0
     claim_token: str | None = None  # set by tsdia-submit: proves this job owns its experiment directory
     master_addr_reason: str = ""  # how master_addr was chosen (printed in rank 0's log)
+    agent_store: bool = False  # torchrun's agent hosts the rendezvous store (rank 0 only connects to it)
 
     @property
     def is_main(self) -> bool:
@@ -80,6 +81,7 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnvironment:
             job_id=job_id,
             restart_count=restart_count,
             claim_token=token,
+            agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and _is_slurm_step(env):
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""

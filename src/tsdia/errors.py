@@ -9,6 +9,7 @@ from __future__ import annotations
 EXIT_USAGE = 2  # bad input or a refused experiment: the user must change something
 EXIT_REQUEUED = 3  # stopped on a signal, saved, and the Slurm job was requeued: it will resume by itself
 EXIT_STOPPED = 4  # stopped on a signal and saved, but not requeued: resume with `resume: latest`
+EXIT_HANG = 5  # the watchdog saw no training progress: stacks dumped, attempt recorded (requeued under Slurm)
 
 
 class TsdiaError(Exception):

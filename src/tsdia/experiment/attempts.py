@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from tsdia.experiment.layout import STORE_DIR
 from tsdia.fileio import atomic_write_text
@@ -23,6 +24,8 @@ class AttemptRecord:
     stop_step: int
     reason: str
     time: str
+    stuck_ranks: list[int] | None = None  # a hang: the ranks furthest behind (the others waited for them)
+    hang: dict[str, Any] | None = None  # a hang: timeout and where every rank was (step, phase, idle seconds)
 
 
 def attempts_path(save_dir: Path) -> Path:

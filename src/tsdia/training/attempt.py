@@ -182,6 +182,11 @@ class Attempt:
         if self.tee is not None:
             self.tee.write_file_only(traceback.format_exc())
 
+    def drain_log(self) -> None:
+        """Flush everything printed so far into the log file (before an exit that skips `close()`)."""
+        if self.tee is not None:
+            self.tee.close()
+
     def close(self) -> None:
         self.trackers.finish()
         if self.tee is not None:

@@ -24,7 +24,15 @@ from tsdia.training.checkpointer import Checkpointer
 from tsdia.training.components import build_optimizer, build_scheduler
 from tsdia.training.distributed import barrier, broadcast_object, build_accelerator, deepspeed_config
 from tsdia.training.preemption import PreemptionWatcher, plan_after_stop
+from tsdia.training.rendezvous import start_distributed
 from tsdia.training.trackers import Trackers
+from tsdia.training.watchdog import (
+    HangReport,
+    HangWatchdog,
+    attempt_directory,
+    clear_old_attempts,
+    record_hang,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +99,7 @@ class Trainer:
         self.optimizer: Any = None
         self.scheduler: Any = None
         self.trackers = Trackers()
+        self._watchdog: HangWatchdog | None = None
         self._loss_sum = torch.zeros(())  # training loss summed since the last log line (on the device)
         self._loss_count = 0
 
@@ -113,9 +122,16 @@ class Trainer:
             raise RuntimeError("Trainer.train() has not prepared the model yet")
         return self._checkpointer
 
+    @property
+    def watchdog(self) -> HangWatchdog:
+        if self._watchdog is None:
+            raise RuntimeError("Trainer.train() has not reached its training loop yet")
+        return self._watchdog
+
     def train(self) -> TrainResult:
         """Run (or resume) the experiment to the end; raises `TsdiaError` subclasses for user mistakes."""
         training = self.config.training
+        startup = start_distributed(self.config, self.cluster)  # every rank joins, or a clear error in time
         self.accelerator = accelerator = build_accelerator(self.config, self.cluster)
         decision, lock = decide_on_rank_zero(self.config, self.cluster)
         self._attempt = attempt = Attempt(self.config, self.cluster, decision, lock)
@@ -127,6 +143,8 @@ class Trainer:
         requeue = crashed = False
         try:
             attempt.start_logging()
+            if startup is not None and self.cluster.is_main:
+                print(startup.line(), flush=True)
             attempt.write_config()
             result = self._run()
             if result.stopped_early:
@@ -140,6 +158,8 @@ class Trainer:
             requeue = isinstance(err, Exception) and self._plan_after_stop(crashed=True)
             raise
         finally:
+            if self._watchdog is not None:
+                self._watchdog.stop()
             watcher.uninstall()
             attempt.close()
             if requeue:
@@ -209,11 +229,43 @@ class Trainer:
             )
         self.start_step = self.progress.global_step
         self.trackers = attempt.start_trackers(full_config_dict(self.config), self.progress.global_step)
+        if self.cluster.is_main:
+            clear_old_attempts(attempt.save_dir, attempt.decision.resume_index)
         barrier()
+        self._start_watchdog()
         # Entered after the trackers start (wandb swaps the console streams): from here on log records go
         # through tqdm.write, so they never land in the middle of a progress-bar line.
         with logging_redirect_tqdm():
             return self._loop(model, optimizer, train_dl, val_dl, scheduler, total_steps)
+
+    def _start_watchdog(self) -> None:
+        """Every rank watches its own progress (the thread starts only when training.watchdog is on)."""
+        attempt, settings = self.attempt, self.config.training.watchdog
+        self._watchdog = HangWatchdog(
+            directory=attempt_directory(attempt.save_dir, attempt.decision.resume_index),
+            rank=self.cluster.rank,
+            world_size=self.cluster.world_size,
+            timeout_s=settings.timeout_s,
+            min_timeout_s=settings.min_timeout_s,
+            on_hang=self._record_hang if self.cluster.is_main else None,
+            before_exit=attempt.drain_log,
+        )
+        if settings.enabled:
+            self._watchdog.start()
+
+    def _record_hang(self, report: HangReport) -> bool:
+        """Rank 0's watchdog thread: record the hang, then requeue the job when that is allowed."""
+        requeue = record_hang(
+            report,
+            save_dir=self.attempt.save_dir,
+            cluster=self.cluster,
+            slurm=self.config.slurm,
+            resume_index=self.attempt.decision.resume_index,
+            start_step=self.start_step,
+        )
+        if requeue and self.cluster.job_id:
+            requeue_job(self.cluster.job_id)
+        return requeue
 
     def _loop(
         self, model: Any, optimizer: Any, train_dl: Any, val_dl: Any, scheduler: Any, total_steps: int
@@ -275,10 +327,15 @@ class Trainer:
         if progress.batches_in_epoch:
             batches = accelerator.skip_first_batches(train_dl, progress.batches_in_epoch)
         window_loss = torch.zeros((), device=accelerator.device)  # over one optimizer step's micro-batches
+        watchdog = self.watchdog  # phases: which ranks were furthest behind when a run hangs
+        watchdog.phase = "data"
         for batch in batches:
+            watchdog.phase = "forward"
             with accelerator.accumulate(model):
                 loss = _loss_of(model(batch))
+                watchdog.phase = "backward"
                 accelerator.backward(loss)
+                watchdog.phase = "optimizer"
                 if accelerator.sync_gradients and training.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm)
                 optimizer.step()
@@ -286,6 +343,7 @@ class Trainer:
             progress.batches_in_epoch += 1
             window_loss += loss.detach()
             if not accelerator.sync_gradients:
+                watchdog.phase = "data"
                 continue
             micro = (progress.batches_in_epoch - 1) % training.gradient_accumulation_steps + 1
             self._loss_sum += window_loss / micro
@@ -295,6 +353,7 @@ class Trainer:
             progress.global_step += 1
             bar.update(1)
             step = progress.global_step
+            watchdog.step_done(step)
             if step % training.logging.interval == 0 or step == total_steps:
                 mean_loss = accelerator.reduce(self._loss_sum / max(self._loss_count, 1), "mean").item()
                 lr = float(scheduler.get_last_lr()[0])
@@ -312,6 +371,7 @@ class Trainer:
                 return False
             if self.watcher.should_stop(step):
                 return True
+            watchdog.phase = "data"
         return False
 
     def _val_loaders(self) -> list[DataLoader[Any]]:
@@ -332,6 +392,10 @@ class Trainer:
         """Average every scalar the model returns over the validation set, across ranks; log as `val_*`."""
         if val_dl is None:
             return {}
+        with self.watchdog.watching("validation"):
+            return self._validate_watched(val_dl)
+
+    def _validate_watched(self, val_dl: Any) -> dict[str, float]:
         accelerator = self.accelerator
         model = self.prepared_model
         model.eval()
@@ -370,9 +434,10 @@ class Trainer:
         # The epoch it was saved in: after an epoch closes the counter already points at the next one.
         epoch = progress.epoch if progress.batches_in_epoch else max(progress.epoch - 1, 0)
         final = progress.global_step >= self.total_steps  # the end of training, wherever it is saved from
-        path = self.checkpointer.save(
-            self.prepared_model, epoch, progress.global_step, metrics, asdict(progress), final
-        )
+        with self.watchdog.watching("checkpoint"):
+            path = self.checkpointer.save(
+                self.prepared_model, epoch, progress.global_step, metrics, asdict(progress), final
+            )
         return str(path)
 
     def _zero_stage(self) -> int | None:
