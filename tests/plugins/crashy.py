@@ -116,11 +116,11 @@ class HangingModel(SlowModel):
         if self.training:
             self.train_calls += 1
             rank = dist.get_rank() if dist.is_initialized() else 0
-            if rank == self.hang_rank and self.train_calls == self.hang_at_call:
-                if not (self.once_marker and os.path.exists(self.once_marker)):
-                    if self.once_marker:
-                        with open(self.once_marker, "w") as out:
-                            out.write(str(os.getpid()))
-                    print(f"plugin: rank {rank} hangs at training call {self.train_calls}", flush=True)
-                    threading.Event().wait()  # forever
+            due = rank == self.hang_rank and self.train_calls == self.hang_at_call
+            if due and not (self.once_marker and os.path.exists(self.once_marker)):
+                if self.once_marker:
+                    with open(self.once_marker, "w") as out:
+                        out.write(str(os.getpid()))
+                print(f"plugin: rank {rank} hangs at training call {self.train_calls}", flush=True)
+                threading.Event().wait()  # forever
         return super().forward(batch)

@@ -25,6 +25,7 @@ from tsdia.fileio import atomic_write_text
 from tsdia.training.distributed import barrier, broadcast_object
 from tsdia.training.logging_utils import init_trackers, save_wandb_info, setup_file_logger
 from tsdia.training.tee import ConsoleTee
+from tsdia.training.tracker_startup import BackgroundTrackers
 from tsdia.training.trackers import Trackers, WandbSettings, read_wandb_run_id
 
 logger = logging.getLogger(__name__)
@@ -163,18 +164,27 @@ class Attempt:
                 save_dir=str(self.save_dir),
             )
         resuming = self.decision.action == "resume"
-        self.trackers, wandb_tracker = init_trackers(
-            save_dir=str(self.save_dir),
-            full_config=full_config,
-            config_yaml=effective_yaml(self.config) if self.config.source.path else json.dumps(full_config),
-            tensorboard=logging_config.tensorboard,
-            wandb=wandb_settings,
-            start_step=start_step,
-            resuming=resuming,
-            wandb_run_id=read_wandb_run_id(str(self.save_dir)) if resuming else None,
+        config_yaml = effective_yaml(self.config) if self.config.source.path else json.dumps(full_config)
+
+        def start() -> Trackers:
+            trackers, wandb_tracker = init_trackers(
+                save_dir=str(self.save_dir),
+                full_config=full_config,
+                config_yaml=config_yaml,
+                tensorboard=logging_config.tensorboard,
+                wandb=wandb_settings,
+                start_step=start_step,
+                resuming=resuming,
+                wandb_run_id=read_wandb_run_id(str(self.save_dir)) if resuming else None,
+            )
+            if wandb_tracker is not None:
+                save_wandb_info(wandb_tracker, self.save_dir)
+            return trackers
+
+        # Off the critical path: the model prepares and trains while wandb starts (records are queued).
+        self.trackers = BackgroundTrackers(
+            start, configured=logging_config.tensorboard or logging_config.wandb
         )
-        if wandb_tracker is not None:
-            save_wandb_info(wandb_tracker, self.save_dir)
         return self.trackers
 
     def record_crash(self) -> None:

@@ -109,6 +109,8 @@ def _address(cluster: ClusterEnvironment) -> str:
 def _open_store(cluster: ClusterEnvironment, timeout_s: int) -> dist.TCPStore:
     """Rank 0 hosts the store (unless torchrun's agent already does); the others connect to it."""
     hosts = cluster.is_main and not cluster.agent_store
+    if not hosts:
+        _wait_until_reachable(cluster, timeout_s)
     try:
         return dist.TCPStore(
             cluster.master_addr,
@@ -133,6 +135,26 @@ def _open_store(cluster: ClusterEnvironment, timeout_s: int) -> dist.TCPStore:
             f"MASTER_ADDR/MASTER_PORT ({cluster.master_addr_reason or cluster.launcher}), that rank 0's node "
             "is up and that no firewall blocks the port."
         ) from None
+
+
+def _wait_until_reachable(cluster: ClusterEnvironment, timeout_s: int) -> None:
+    """Probe rank 0's port until it answers: torch's own client retries past its timeout, with a C++
+    stack trace per try, and its error does not say which address it tried."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            with socket.create_connection((cluster.master_addr, cluster.master_port), timeout=max(left, 0.1)):
+                return
+        except OSError as err:
+            if time.monotonic() + 0.5 > deadline:
+                raise DistributedStartupError(
+                    f"rank {cluster.rank} ({socket.gethostname()}) could not reach rank 0's rendezvous at "
+                    f"{_address(cluster)} within distributed.timeout_s={timeout_s} s ({err.strerror or err}). "
+                    f"HINT: check MASTER_ADDR/MASTER_PORT ({cluster.master_addr_reason or cluster.launcher}), "
+                    "that rank 0 started and its node is up, and that no firewall blocks the port."
+                ) from None
+            time.sleep(0.5)
 
 
 def _arrive(store: dist.TCPStore, cluster: ClusterEnvironment, timeout_s: int, started: float) -> None:
