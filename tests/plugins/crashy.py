@@ -116,6 +116,8 @@ class HangingModel(SlowModel):
         if self.training:
             self.train_calls += 1
             rank = dist.get_rank() if dist.is_initialized() else 0
+            if self.train_calls == 1:
+                print(f"plugin: TSDIA_PROBE={os.environ.get('TSDIA_PROBE')}", flush=True)
             due = rank == self.hang_rank and self.train_calls == self.hang_at_call
             if due and not (self.once_marker and os.path.exists(self.once_marker)):
                 if self.once_marker:
