@@ -303,7 +303,8 @@ class Trainer:
             last_saved = self.save_checkpoint(val_metrics)
         else:
             last_saved = self.save_checkpoint({})
-        self.checkpointer.commit_pending()  # a background write still in flight is committed before we return
+        with self.watchdog.watching("checkpoint"):
+            self.checkpointer.commit_pending()  # a background write still in flight is committed before we return
         best = self.attempt.save_dir / store.BEST_LINK
         return TrainResult(
             save_dir=str(self.attempt.save_dir),
