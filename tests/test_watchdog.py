@@ -112,6 +112,32 @@ def test_fires_after_the_timeout_dumps_stacks_and_exits_with_exit_hang(
     assert json.loads((tmp_path / "wd" / "rank0.json").read_text())["state"] == "dumped"
 
 
+def test_a_rank_follows_a_peer_that_reported_a_hang(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """A rank whose own clock has not run out (here: not even armed) still dumps and exits."""
+    seen: dict = {}
+    wd = HangWatchdog(
+        directory=tmp_path / "wd",
+        rank=1,
+        world_size=2,
+        timeout_s=60,
+        min_timeout_s=60,
+        on_hang=None,
+        before_exit=lambda: None,
+        exit_process=lambda code: seen.setdefault("exit", code),
+    )
+    wd.start()
+    (tmp_path / "wd" / "hang").write_text("0")
+    (tmp_path / "wd" / "recorded").touch()  # rank 0 has recorded it: no need to wait
+    assert wait_for(seen, "exit", 30)
+    wd.stop()
+    assert seen["exit"] == EXIT_HANG
+    err = capfd.readouterr().err
+    assert "HANG on rank 1" in err and "rank 0 reported a hang" in err
+    assert json.loads((tmp_path / "wd" / "rank1.json").read_text())["state"] == "dumped"
+
+
 def test_start_up_first_validation_and_first_save_are_not_watched(tmp_path: Path) -> None:
     wd, seen = watchdog(tmp_path, timeout_s=0.3)
     wd.start()

@@ -176,7 +176,10 @@ class HangWatchdog:
                 self._hang(f"no progress for {idle:.0f} s (limit {limit:.0f} s)", idle, limit)
                 return
             if flag.exists():
-                self._hang(f"rank(s) {flag.read_text().strip() or '?'} reported a hang", idle, limit or 0.0)
+                who = "?"
+                with contextlib.suppress(OSError):
+                    who = flag.read_text().strip() or who
+                self._hang(f"rank {who} reported a hang", idle, limit or 0.0)
                 return
             self._beat("running", idle)
 
