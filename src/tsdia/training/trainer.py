@@ -26,13 +26,7 @@ from tsdia.training.distributed import barrier, broadcast_object, build_accelera
 from tsdia.training.preemption import PreemptionWatcher, plan_after_stop
 from tsdia.training.rendezvous import start_distributed
 from tsdia.training.trackers import Trackers
-from tsdia.training.watchdog import (
-    HangReport,
-    HangWatchdog,
-    attempt_directory,
-    clear_old_attempts,
-    record_hang,
-)
+from tsdia.training.watchdog import HangWatchdog, clear_old_attempts, watch_attempt
 
 logger = logging.getLogger(__name__)
 
@@ -239,33 +233,16 @@ class Trainer:
             return self._loop(model, optimizer, train_dl, val_dl, scheduler, total_steps)
 
     def _start_watchdog(self) -> None:
-        """Every rank watches its own progress (the thread starts only when training.watchdog is on)."""
-        attempt, settings = self.attempt, self.config.training.watchdog
-        self._watchdog = HangWatchdog(
-            directory=attempt_directory(attempt.save_dir, attempt.decision.resume_index),
-            rank=self.cluster.rank,
-            world_size=self.cluster.world_size,
-            timeout_s=settings.timeout_s,
-            min_timeout_s=settings.min_timeout_s,
-            on_hang=self._record_hang if self.cluster.is_main else None,
-            before_exit=attempt.drain_log,
+        """Every rank watches its own progress; rank 0 records a hang (and requeues under Slurm)."""
+        attempt = self.attempt
+        self._watchdog = watch_attempt(
+            self.config,
+            self.cluster,
+            attempt.save_dir,
+            attempt.decision.resume_index,
+            self.start_step,
+            drain_log=attempt.drain_log,
         )
-        if settings.enabled:
-            self._watchdog.start()
-
-    def _record_hang(self, report: HangReport) -> bool:
-        """Rank 0's watchdog thread: record the hang, then requeue the job when that is allowed."""
-        requeue = record_hang(
-            report,
-            save_dir=self.attempt.save_dir,
-            cluster=self.cluster,
-            slurm=self.config.slurm,
-            resume_index=self.attempt.decision.resume_index,
-            start_step=self.start_step,
-        )
-        if requeue and self.cluster.job_id:
-            requeue_job(self.cluster.job_id)
-        return requeue
 
     def _loop(
         self, model: Any, optimizer: Any, train_dl: Any, val_dl: Any, scheduler: Any, total_steps: int

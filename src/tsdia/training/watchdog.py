@@ -37,11 +37,12 @@ from pathlib import Path
 from typing import Any
 
 from tsdia.cluster import ClusterEnvironment
-from tsdia.config.schema import SlurmConfig
+from tsdia.config.schema import Config, SlurmConfig
 from tsdia.errors import EXIT_HANG
 from tsdia.experiment.attempts import AttemptRecord, record_attempt
 from tsdia.experiment.layout import STORE_DIR
 from tsdia.fileio import atomic_write_text
+from tsdia.slurm_commands import requeue_job
 from tsdia.training.preemption import decide_requeue
 
 logger = logging.getLogger(__name__)
@@ -300,6 +301,44 @@ def clear_old_attempts(save_dir: Path, resume_index: int) -> None:
         for entry in root.iterdir():
             if entry.name != str(resume_index):
                 shutil.rmtree(entry, ignore_errors=True)
+
+
+def watch_attempt(
+    config: Config,
+    cluster: ClusterEnvironment,
+    save_dir: Path,
+    resume_index: int,
+    start_step: int,
+    drain_log: Callable[[], None],
+) -> HangWatchdog:
+    """This rank's watchdog for one attempt, started when `training.watchdog.enabled`."""
+    settings = config.training.watchdog
+
+    def on_hang(report: HangReport) -> bool:  # rank 0, in the watchdog thread
+        requeue = record_hang(
+            report,
+            save_dir=save_dir,
+            cluster=cluster,
+            slurm=config.slurm,
+            resume_index=resume_index,
+            start_step=start_step,
+        )
+        if requeue and cluster.job_id:
+            requeue_job(cluster.job_id)  # before the exit: Slurm then ends every task of this attempt
+        return requeue
+
+    watchdog = HangWatchdog(
+        directory=attempt_directory(save_dir, resume_index),
+        rank=cluster.rank,
+        world_size=cluster.world_size,
+        timeout_s=settings.timeout_s,
+        min_timeout_s=settings.min_timeout_s,
+        on_hang=on_hang if cluster.is_main else None,
+        before_exit=drain_log,
+    )
+    if settings.enabled:
+        watchdog.start()
+    return watchdog
 
 
 def record_hang(
