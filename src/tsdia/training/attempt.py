@@ -85,7 +85,7 @@ class Attempt:
         self.lock = lock
         self.save_dir = Path(decision.save_dir)
         self.tee: ConsoleTee | None = None
-        self.trackers = Trackers()
+        self.trackers: Trackers = Trackers()
 
     @property
     def log_path(self) -> Path:
@@ -186,6 +186,11 @@ class Attempt:
             start, configured=logging_config.tensorboard or logging_config.wandb
         )
         return self.trackers
+
+    def begin_trackers(self) -> None:
+        """The attempt's first step is done: the trackers may start now (see `BackgroundTrackers`)."""
+        if isinstance(self.trackers, BackgroundTrackers):
+            self.trackers.begin()
 
     def record_crash(self) -> None:
         """Put the traceback in this rank's log now: Python prints it only after the tee is gone."""

@@ -1,10 +1,12 @@
 """Start the trackers off the critical path: in a thread, while the model prepares and trains its first steps.
 
 `wandb.init` (its service process, the run files) takes most of a resumed attempt's start-up. Here it
-runs in a background thread; `log()` calls made before the trackers are ready are queued in order and
-handed over, in that order, the moment they are; `finish()` waits for the start (bounded) so nothing
-queued is lost. A start that fails surfaces at the next `log()` on the training thread, as it would
-have at start-up.
+runs in a background thread that the trainer releases with `begin()` once the attempt's first optimizer
+step is done: importing wandb and TensorBoard is Python work that would otherwise compete for the GIL
+with the model's preparation and first step. `log()` calls made before the trackers are ready are
+queued in order and handed over, in that order, the moment they are; `log()` and `finish()` also
+release the start, and `finish()` waits for it (bounded) so nothing queued is lost. A start that fails
+surfaces at the next `log()` on the training thread, as it would have at start-up.
 """
 
 from __future__ import annotations
@@ -31,10 +33,16 @@ class BackgroundTrackers(Trackers):
         self._started: Trackers | None = None
         self._error: BaseException | None = None
         self._ready = threading.Event()
+        self._go = threading.Event()
         self._thread = threading.Thread(target=self._start, args=(start,), name="tsdia-trackers", daemon=True)
         self._thread.start()
 
+    def begin(self) -> None:
+        """Let the trackers start now (idempotent)."""
+        self._go.set()
+
     def _start(self, start: Callable[[], Trackers]) -> None:
+        self._go.wait()
         try:
             started = start()
         except BaseException as err:  # handed to the training thread at its next log()
@@ -51,6 +59,7 @@ class BackgroundTrackers(Trackers):
             self._ready.set()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        self._go.set()
         with self._lock:
             if not self._ready.is_set():
                 self._queue.append((dict(metrics), step))
@@ -63,10 +72,12 @@ class BackgroundTrackers(Trackers):
             started.log(metrics, step)
 
     def wait_started(self, timeout: float | None = None) -> bool:
-        """Block until the trackers have started (or failed); False on timeout."""
+        """Let them start and block until they have (or have failed); False on timeout."""
+        self._go.set()
         return self._ready.wait(timeout)
 
     def finish(self) -> None:
+        self._go.set()
         if not self._ready.wait(FINISH_WAIT_S):
             logger.warning(
                 "The trackers did not start within %d s; %d queued record(s) were not logged.",

@@ -332,6 +332,8 @@ class Trainer:
             bar.update(1)
             step = progress.global_step
             watchdog.step_done(step)
+            if step == self.start_step + 1:
+                self.attempt.begin_trackers()  # off the critical path: after the first step
             if step % training.logging.interval == 0 or step == total_steps:
                 mean_loss = accelerator.reduce(self._loss_sum / max(self._loss_count, 1), "mean").item()
                 lr = float(scheduler.get_last_lr()[0])
