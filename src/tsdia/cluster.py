@@ -35,6 +35,7 @@ class ClusterEnvironment:
     claim_token: str | None = None  # set by tsdia-submit: proves this job owns its experiment directory
     master_addr_reason: str = ""  # how master_addr was chosen (printed in rank 0's log)
     nodes: tuple[str, ...] = ()  # the job's nodes (Slurm's node list; else this host): for attempts.json
+    agent_store: bool = False  # torchrun's agent hosts the rendezvous store (rank 0 only connects to it)
 
     @property
     def is_main(self) -> bool:
@@ -83,6 +84,7 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnvironment:
             restart_count=restart_count,
             claim_token=token,
             nodes=job_nodes,
+            agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and _is_slurm_step(env):
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""

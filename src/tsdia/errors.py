@@ -12,6 +12,7 @@ EXIT_STOPPED = 4  # stopped on a signal and saved, but not requeued: resume with
 EXIT_INTERRUPTED = (
     130  # Ctrl-C (SIGINT): saved and stopped (first Ctrl-C) or aborted (second); the shell's 128+2
 )
+EXIT_HANG = 5  # the watchdog saw no training progress: stacks dumped, attempt recorded (requeued under Slurm)
 
 
 class TsdiaError(Exception):

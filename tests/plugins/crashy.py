@@ -94,3 +94,35 @@ class SlowModel(TargetSpeakerVAD):
                 raise RuntimeError("crash inside the job")
             time.sleep(self.step_seconds)
         return super().forward(batch)
+
+
+class HangingModel(SlowModel):
+    """Blocks forever in its forward on rank `hang_rank` at training call `hang_at_call`, once: the file
+    `once_marker` records that it hung, so the requeued attempt trains through (a transient hang)."""
+
+    def __init__(
+        self, hang_rank: int = 1, hang_at_call: int = 0, once_marker: str = "", **kwargs: object
+    ) -> None:
+        super().__init__(**kwargs)  # type: ignore[arg-type]
+        self.hang_rank, self.hang_at_call, self.once_marker = hang_rank, hang_at_call, once_marker
+        self.train_calls = 0
+
+    def forward(self, batch):  # type: ignore[no-untyped-def]
+        import os
+        import threading
+
+        import torch.distributed as dist
+
+        if self.training:
+            self.train_calls += 1
+            rank = dist.get_rank() if dist.is_initialized() else 0
+            if self.train_calls == 1:
+                print(f"plugin: TSDIA_PROBE={os.environ.get('TSDIA_PROBE')}", flush=True)
+            due = rank == self.hang_rank and self.train_calls == self.hang_at_call
+            if due and not (self.once_marker and os.path.exists(self.once_marker)):
+                if self.once_marker:
+                    with open(self.once_marker, "w") as out:
+                        out.write(str(os.getpid()))
+                print(f"plugin: rank {rank} hangs at training call {self.train_calls}", flush=True)
+                threading.Event().wait()  # forever
+        return super().forward(batch)

@@ -6,6 +6,7 @@ import copy
 import dataclasses
 import difflib
 import functools
+import re
 import types
 import typing
 from typing import Any, Literal, Union
@@ -155,7 +156,12 @@ def _build(cls: type, raw: Any, path: str, source: ConfigSource, errors: list[st
             errors.append(_unknown_key(key, key_path, path, list(fields), source))
             continue
         hint = hints[key]
-        if dataclasses.is_dataclass(hint):
+        if key_path in _SPECIAL:
+            try:
+                values[key] = _SPECIAL[key_path](value)
+            except ValueError as why:
+                errors.append(f"{source.where(key_path)}: {key_path}: {why}")
+        elif dataclasses.is_dataclass(hint):
             values[key] = _build(typing.cast(type, hint), value, key_path, source, errors)
         else:
             try:
@@ -170,6 +176,48 @@ def _schema_of(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field[A
     """A section's resolved type hints and fields (resolving hints is slow; a sweep builds many configs)."""
     fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
     return typing.get_type_hints(cls), fields
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Set by tsdia itself from the launcher's environment; a config value would silently fight them.
+_RESERVED_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "NODE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+)
+
+
+def _check_env(value: Any) -> dict[str, str]:
+    """`distributed.env`: variable names -> scalar values, kept as strings (YAML's `1` means "1")."""
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"got {value!r}; expected a mapping of variable names to values, e.g. {{NCCL_DEBUG: WARN}}."
+        )
+    out: dict[str, str] = {}
+    for name, item in value.items():
+        if not isinstance(name, str) or not _ENV_NAME.fullmatch(name):
+            raise ValueError(f"{name!r} is not an environment variable name (letters, digits and _).")
+        if name in _RESERVED_ENV:
+            raise ValueError(
+                f"{name} is set by tsdia from the launcher (Slurm or torchrun); set it there, not in the config."
+            )
+        if isinstance(item, bool) or not isinstance(item, (str, int, float)):
+            raise ValueError(
+                f"{name}: got {item!r} ({_yaml_type(item)}); expected a string or a number. Quote it, "
+                f"e.g. {name}: '1'."
+            )
+        text = str(item)
+        if any(ord(c) < 32 for c in text):
+            raise ValueError(f"{name}: the value must be one line without control characters.")
+        out[name] = text
+    return out
+
+
+_SPECIAL: dict[str, typing.Callable[[Any], Any]] = {"distributed.env": _check_env}
 
 
 def _build_component(

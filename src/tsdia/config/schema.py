@@ -144,6 +144,29 @@ class DataLoaderConfig:
 
 
 @dataclass
+class WatchdogConfig:
+    enabled: bool = option(
+        True,
+        "Treat a run in which no optimizer step completes in time as hung: dump every rank's stacks to its "
+        "log, record `hang` in attempts.json, exit (and requeue under Slurm).",
+    )
+    timeout_s: float | None = option(
+        None,
+        "Seconds without a completed optimizer step that count as a hang. null: derived, max(min_timeout_s, "
+        "10 x the slowest of the last 100 steps): ten times the slowest step leaves room for stragglers and "
+        "slow I/O while a real hang is caught in minutes, not at distributed.timeout_s.",
+        gt=0,
+    )
+    min_timeout_s: float = option(
+        300.0,
+        "Floor of the derived timeout. Validation and checkpoint saves get at least the timeout and 10 x "
+        "their slowest earlier run; the start-up, the first step (e.g. DeepSpeed's JIT compile) and the "
+        "first validation and save of an attempt are not watched (distributed.timeout_s bounds them).",
+        gt=0,
+    )
+
+
+@dataclass
 class TrainingConfig:
     epochs: int = option(10, "Number of epochs; the learning-rate schedule is defined over them.", gt=0)
     max_steps: int | None = option(
@@ -164,6 +187,7 @@ class TrainingConfig:
     logging: LoggingConfig = section(LoggingConfig, "Console, file and tracker logging.")
     validation: ValidationConfig = section(ValidationConfig, "Validation schedule.")
     preemption: PreemptionConfig = section(PreemptionConfig, "Stopping cleanly on a signal (then requeue).")
+    watchdog: WatchdogConfig = section(WatchdogConfig, "Detecting a hung run (no step progress).")
 
 
 @dataclass
@@ -179,7 +203,14 @@ class DistributedConfig:
     backend: Literal["auto", "gloo", "nccl"] = option(
         "auto", "Process-group backend; auto: nccl on GPU, else gloo."
     )
-    timeout_s: int = option(600, "Collective timeout in seconds.", gt=0)
+    timeout_s: int = option(
+        600, "Collective timeout in seconds; also how long the start-up waits for every rank to join.", gt=0
+    )
+    env: dict[str, str] = option(
+        {},
+        "Environment variables set in every rank before the process group starts (and exported by the job "
+        "script), e.g. {NCCL_SOCKET_IFNAME: ib0, NCCL_IB_DISABLE: '1', NCCL_DEBUG: WARN}.",
+    )
     deepspeed: DeepSpeedConfig = section(DeepSpeedConfig, "DeepSpeed through Accelerate.")
 
 
@@ -213,6 +244,9 @@ class SlurmConfig:
     requeue_on_crash: bool = option(False, "Requeue after a crash too (bounded by max_requeues).")
     array_parallelism: int | None = option(
         None, "Sweeps: most members running at once (`--parallel` overrides it; null: all).", gt=0
+    )
+    requeue_on_hang: bool = option(
+        True, "Requeue after a hang (training.watchdog), bounded by max_requeues; false: treat it as a crash."
     )
     setup: list[str] = option([], "Shell lines run before training (module load, source venv, ...).")
     sbatch_extra: dict[str, str] = option({}, "Extra sbatch options, e.g. {mail-type: END}.")

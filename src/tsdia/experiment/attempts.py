@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from tsdia.experiment.layout import STORE_DIR
 from tsdia.fileio import atomic_write_text
@@ -48,6 +49,8 @@ class AttemptRecord:
     ranks: list[int] = field(default_factory=list)  # ranks that failed or hung, when known
     slurm_state: str | None = None  # JobState/Reason when the stop signal arrived, e.g. "COMPLETING/None"
     excluded_nodes: list[str] = field(default_factory=list)  # nodes the requeue after this attempt excluded
+
+    hang: dict[str, Any] | None = None  # a hang: timeout and where every rank was (step, phase, idle seconds)
 
     @property
     def failed(self) -> bool:

@@ -66,6 +66,7 @@ def launch_command(
         words.append('${podman_user[@]+"${podman_user[@]}"}')  # set by the script: --userns=keep-id
         words += [f"-v {q(m.spec())}" for m in binds]
         words += [f"-e {q(name)}" for name in PODMAN_ENV]
+        words += [f"-e {q(name)}" for name, _ in res.env]  # distributed.env, exported by the script
         if res.gpus_per_node > 0:
             words += ["--device=nvidia.com/gpu=all", "-e CUDA_VISIBLE_DEVICES"]
         words += [f"-w {q(cwd)}", q(spec.image), command]
@@ -118,7 +119,7 @@ def render_script(
         prelude = f"# {spec.runtime}: the job's environment (SLURM_*, {CLAIM_TOKEN_VAR}, ...) reaches the container."
     values = {
         "sbatch_options": "\n".join(_options(res, cwd, log_options)),
-        "setup": "\n".join(sbatch.setup_lines(res.setup)) or "# (none: slurm.setup is empty)",
+        "setup": "\n".join(sbatch.script_setup(res)) or "# (none: slurm.setup is empty)",
         "claim": claim,
         "runtime_setup": prelude,
         "srun_options": srun_options,

@@ -92,6 +92,7 @@ class SlurmResources:
     qos: str | None = None
     constraint: str | None = None
     setup: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()  # distributed.env, exported by the job script before training
     extra: dict[str, str | bool] = field(default_factory=dict)  # sbatch option -> value (True: a bare flag)
     container: ContainerSpec | None = None  # slurm.container, when an image is set
 
@@ -189,6 +190,7 @@ def resolve(config: Config) -> SlurmResources:
         qos=slurm.qos,
         constraint=slurm.constraint,
         setup=tuple(setup),
+        env=tuple(config.distributed.env.items()),
         extra=extra,
         container=container,
     )

@@ -37,6 +37,13 @@ def setup_lines(setup: Sequence[str]) -> list[str]:
     return [f"eval {shlex.quote(line)}" for line in setup]
 
 
+def script_setup(res: SlurmResources) -> list[str]:
+    """The batch shell's set-up: `distributed.env` exported (so every task, and a container launched from
+    the script, sees it; the trainer also sets it itself), then the `slurm.setup` lines."""
+    exports = [f"export {name}={shlex.quote(value)}" for name, value in res.env]
+    return exports + setup_lines(res.setup)
+
+
 def submitit_command(folder: str, python: str = sys.executable) -> str:
     """The command submitit puts after `srun` (same text as `SlurmExecutor._submitit_command_str`)."""
     return " ".join([shlex.quote(python), "-u -m submitit.core._submit", shlex.quote(folder)])
@@ -51,8 +58,8 @@ def submitit_parameters(res: SlurmResources, cwd: str) -> dict[str, Any]:
         "time": res.time_min,  # submitit wants minutes (it also times its signal handler with them)
         "signal_delay_s": res.signal_lead_s,
     }
-    if res.setup:
-        params["setup"] = setup_lines(res.setup)
+    if res.setup or res.env:
+        params["setup"] = script_setup(res)
     optional = {
         "gpus_per_node": res.gpus_per_node or None,
         "cpus_per_task": res.cpus_per_task,
@@ -135,7 +142,7 @@ def render_template(
     train = [python, "-m", "tsdia.train", os.path.abspath(config_path), *overrides]
     values = {
         "sbatch_options": "\n".join(_template_options(kind, res, cwd)),
-        "setup": "\n".join(setup_lines(res.setup)) or "# (none: slurm.setup is empty)",
+        "setup": "\n".join(script_setup(res)) or "# (none: slurm.setup is empty)",
         "train_command": " ".join(shlex.quote(arg) for arg in train),
         "signal": shlex.quote(SUBMITIT_SIGNAL),
     }

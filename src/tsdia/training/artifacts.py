@@ -82,6 +82,7 @@ def hyperparameters(
         "mixed_precision": training.mixed_precision,
         "seed": training.seed,
         "zero_stage": zero_stage,
+        "distributed_env": dict(config.distributed.env),
         "num_parameters": num_parameters,
         "model": {"target": config.model.target, **config.model.kwargs},
         "dataset": {"target": config.dataset.target, **config.dataset.kwargs},

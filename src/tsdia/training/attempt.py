@@ -25,6 +25,7 @@ from tsdia.fileio import atomic_write_text
 from tsdia.training.distributed import barrier, broadcast_object
 from tsdia.training.logging_utils import init_trackers, record_wandb_loss, save_wandb_info, setup_file_logger
 from tsdia.training.tee import ConsoleTee
+from tsdia.training.tracker_startup import BackgroundTrackers
 from tsdia.training.trackers import Tracker, Trackers, WandbSettings, WandbTracker, read_wandb_run_id
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class Attempt:
         self.lock = lock
         self.save_dir = Path(decision.save_dir)
         self.tee: ConsoleTee | None = None
-        self.trackers = Trackers()
+        self.trackers: Trackers = Trackers()
 
     @property
     def log_path(self) -> Path:
@@ -164,20 +165,34 @@ class Attempt:
                 save_dir=str(self.save_dir),
             )
         resuming = self.decision.action == "resume"
-        self.trackers, wandb_tracker = init_trackers(
-            save_dir=str(self.save_dir),
-            full_config=full_config,
-            config_yaml=effective_yaml(self.config) if self.config.source.path else json.dumps(full_config),
-            tensorboard=logging_config.tensorboard,
-            wandb=wandb_settings,
-            start_step=start_step,
-            resuming=resuming,
-            wandb_run_id=read_wandb_run_id(str(self.save_dir)) if resuming else None,
+        config_yaml = effective_yaml(self.config) if self.config.source.path else json.dumps(full_config)
+
+        def start() -> Trackers:
+            trackers, wandb_tracker = init_trackers(
+                save_dir=str(self.save_dir),
+                full_config=full_config,
+                config_yaml=config_yaml,
+                tensorboard=logging_config.tensorboard,
+                wandb=wandb_settings,
+                start_step=start_step,
+                resuming=resuming,
+                wandb_run_id=read_wandb_run_id(str(self.save_dir)) if resuming else None,
+            )
+            if wandb_tracker is not None:
+                save_wandb_info(wandb_tracker, self.save_dir)
+            trackers.on_lost = self._tracker_lost  # a tracker that dies later is recorded, not fatal
+            return trackers
+
+        # Off the critical path: the model prepares and trains while wandb starts (records are queued).
+        self.trackers = BackgroundTrackers(
+            start, configured=logging_config.tensorboard or logging_config.wandb
         )
-        if wandb_tracker is not None:
-            save_wandb_info(wandb_tracker, self.save_dir)
-        self.trackers.on_lost = self._tracker_lost
         return self.trackers
+
+    def begin_trackers(self) -> None:
+        """The attempt's first step is done: the trackers may start now (see `BackgroundTrackers`)."""
+        if isinstance(self.trackers, BackgroundTrackers):
+            self.trackers.begin()
 
     def _tracker_lost(self, tracker: Tracker, step: int, error: BaseException) -> None:
         """A tracker died mid-attempt (see `Trackers`): say in wandb_info.json which steps WandB misses."""
@@ -188,6 +203,11 @@ class Attempt:
         """Put the traceback in this rank's log now: Python prints it only after the tee is gone."""
         if self.tee is not None:
             self.tee.write_file_only(traceback.format_exc())
+
+    def drain_log(self) -> None:
+        """Flush everything printed so far into the log file (before an exit that skips `close()`)."""
+        if self.tee is not None:
+            self.tee.close()
 
     def close(self) -> None:
         self.trackers.finish()

@@ -142,9 +142,22 @@ class PreemptionWatcher:
 
 
 def decide_requeue(
-    history: list[AttemptRecord], restart_count: int, max_requeues: int, crashed: bool, requeue_on_crash: bool
+    history: list[AttemptRecord],
+    restart_count: int,
+    max_requeues: int,
+    crashed: bool,
+    requeue_on_crash: bool,
+    hung: bool = False,
+    requeue_on_hang: bool = True,
 ) -> tuple[bool, str]:
-    """Whether to requeue, and why (or why not), in words for the log."""
+    """Whether to requeue, and why (or why not), in words for the log.
+
+    A hang is requeued when `requeue_on_hang` is set; otherwise it counts as a crash.
+    """
+    if hung and requeue_on_hang:
+        crashed = False
+    elif hung and not requeue_on_crash:
+        return False, "a hang is not requeued (slurm.requeue_on_hang and slurm.requeue_on_crash are false)"
     if crashed and not requeue_on_crash:
         return False, "a crash is not requeued (set slurm.requeue_on_crash: true to change that)"
     if restart_count >= max_requeues:

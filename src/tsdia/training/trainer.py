@@ -33,7 +33,9 @@ from tsdia.training.preemption import (
     plan_after_stop,
     record_completed,
 )
+from tsdia.training.rendezvous import start_distributed
 from tsdia.training.trackers import Trackers
+from tsdia.training.watchdog import HangWatchdog, clear_old_attempts, watch_attempt
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +104,7 @@ class Trainer:
         self.scheduler: Any = None
         self.trackers = Trackers()
         self._progress_writer: ProgressWriter | None = None  # rank 0: logs/progress.json for `tsdia status`
+        self._watchdog: HangWatchdog | None = None
         self._loss_sum = torch.zeros(())  # training loss summed since the last log line (on the device)
         self._loss_count = 0
         self._stop_inspector: StopInspector | None = None  # rank 0 of a Slurm job: asks Slurm why we stop
@@ -125,9 +128,16 @@ class Trainer:
             raise RuntimeError("Trainer.train() has not prepared the model yet")
         return self._checkpointer
 
+    @property
+    def watchdog(self) -> HangWatchdog:
+        if self._watchdog is None:
+            raise RuntimeError("Trainer.train() has not reached its training loop yet")
+        return self._watchdog
+
     def train(self) -> TrainResult:
         """Run (or resume) the experiment to the end; raises `TsdiaError` subclasses for user mistakes."""
         training = self.config.training
+        startup = start_distributed(self.config, self.cluster)  # every rank joins, or a clear error in time
         self.accelerator = accelerator = build_accelerator(self.config, self.cluster)
         decision, lock = decide_on_rank_zero(self.config, self.cluster)
         self._attempt = attempt = Attempt(self.config, self.cluster, decision, lock)
@@ -145,6 +155,8 @@ class Trainer:
         crashed = False
         try:
             attempt.start_logging()
+            if startup is not None and self.cluster.is_main:
+                print(startup.line(), flush=True)
             attempt.write_config()
             result = self._run()
             if result.stopped_early:
@@ -163,6 +175,8 @@ class Trainer:
                 self._plan_after_stop(failure="aborted")
             raise
         finally:
+            if self._watchdog is not None:
+                self._watchdog.stop()
             watcher.uninstall()
             attempt.close()
             if plan is not None and plan.requeue:
@@ -260,11 +274,25 @@ class Trainer:
             self._progress_writer = ProgressWriter(
                 attempt.save_dir, total_steps, attempt.decision.resume_index
             )
+            clear_old_attempts(attempt.save_dir, attempt.decision.resume_index)
         barrier()
+        self._start_watchdog()
         # Entered after the trackers start (wandb swaps the console streams): from here on log records go
         # through tqdm.write, so they never land in the middle of a progress-bar line.
         with logging_redirect_tqdm():
             return self._loop(model, optimizer, train_dl, val_dl, scheduler, total_steps)
+
+    def _start_watchdog(self) -> None:
+        """Every rank watches its own progress; rank 0 records a hang (and requeues under Slurm)."""
+        attempt = self.attempt
+        self._watchdog = watch_attempt(
+            self.config,
+            self.cluster,
+            attempt.save_dir,
+            attempt.decision.resume_index,
+            self.start_step,
+            drain_log=attempt.drain_log,
+        )
 
     def _loop(
         self, model: Any, optimizer: Any, train_dl: Any, val_dl: Any, scheduler: Any, total_steps: int
@@ -302,7 +330,8 @@ class Trainer:
             last_saved = self.save_checkpoint(val_metrics)
         else:
             last_saved = self.save_checkpoint({})
-        self.checkpointer.commit_pending()  # a background write still in flight is committed before we return
+        with self.watchdog.watching("checkpoint"):
+            self.checkpointer.commit_pending()  # a background write still in flight is committed before we return
         shutdown_workers(train_dl, val_dl)  # persistent DataLoader workers outlive the loop; not the save
         if self._progress_writer is not None:
             state = "stopped" if stopped_early else "finished"
@@ -330,10 +359,15 @@ class Trainer:
         if progress.batches_in_epoch:
             batches = accelerator.skip_first_batches(train_dl, progress.batches_in_epoch)
         window_loss = torch.zeros((), device=accelerator.device)  # over one optimizer step's micro-batches
+        watchdog = self.watchdog  # phases: which ranks were furthest behind when a run hangs
+        watchdog.phase = "data"
         for batch in batches:
+            watchdog.phase = "forward"
             with accelerator.accumulate(model):
                 loss = _loss_of(model(batch))
+                watchdog.phase = "backward"
                 accelerator.backward(loss)
+                watchdog.phase = "optimizer"
                 if accelerator.sync_gradients and training.max_grad_norm is not None:
                     accelerator.clip_grad_norm_(model.parameters(), training.max_grad_norm)
                 optimizer.step()
@@ -341,6 +375,7 @@ class Trainer:
             progress.batches_in_epoch += 1
             window_loss += loss.detach()
             if not accelerator.sync_gradients:
+                watchdog.phase = "data"
                 continue
             micro = (progress.batches_in_epoch - 1) % training.gradient_accumulation_steps + 1
             self._loss_sum += window_loss / micro
@@ -350,6 +385,9 @@ class Trainer:
             progress.global_step += 1
             bar.update(1)
             step = progress.global_step
+            watchdog.step_done(step)
+            if step == self.start_step + 1:
+                self.attempt.begin_trackers()  # off the critical path: after the first step
             if step % training.logging.interval == 0 or step == total_steps:
                 mean_loss = accelerator.reduce(self._loss_sum / max(self._loss_count, 1), "mean").item()
                 lr = float(scheduler.get_last_lr()[0])
@@ -368,6 +406,7 @@ class Trainer:
             if self.watcher.should_stop(step):
                 self._on_agreed_stop()
                 return True
+            watchdog.phase = "data"
         return False
 
     def _log(self, metrics: dict[str, float], step: int) -> None:
@@ -394,6 +433,10 @@ class Trainer:
         """Average every scalar the model returns over the validation set, across ranks; log as `val_*`."""
         if val_dl is None:
             return {}
+        with self.watchdog.watching("validation"):
+            return self._validate_watched(val_dl)
+
+    def _validate_watched(self, val_dl: Any) -> dict[str, float]:
         accelerator = self.accelerator
         model = self.prepared_model
         model.eval()
@@ -432,9 +475,10 @@ class Trainer:
         # The epoch it was saved in: after an epoch closes the counter already points at the next one.
         epoch = progress.epoch if progress.batches_in_epoch else max(progress.epoch - 1, 0)
         final = progress.global_step >= self.total_steps  # the end of training, wherever it is saved from
-        path = self.checkpointer.save(
-            self.prepared_model, epoch, progress.global_step, metrics, asdict(progress), final
-        )
+        with self.watchdog.watching("checkpoint"):
+            path = self.checkpointer.save(
+                self.prepared_model, epoch, progress.global_step, metrics, asdict(progress), final
+            )
         return str(path)
 
     def _zero_stage(self) -> int | None:
