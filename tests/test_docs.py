@@ -23,5 +23,9 @@ def test_readme_lists_every_module() -> None:
         if path.name == "__init__.py":
             continue
         rel = path.relative_to(REPO / "src" / "tsdia")
-        shown = str(rel) if rel.parent.name in ("config", "training", "examples", "launch", "experiment") else rel.name
+        shown = (
+            str(rel)
+            if rel.parent.name in ("config", "training", "examples", "launch", "experiment")
+            else rel.name
+        )
         assert shown in readme, f"README's layout tree does not mention {rel}"
