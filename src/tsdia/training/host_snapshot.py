@@ -137,9 +137,40 @@ def write_snapshot(files: list[SnapshotFile], directory: Path) -> None:
         if file.kind == "safetensors":
             save_file(file.payload, str(path), metadata={"format": "pt"})
         elif file.kind == "torch":
-            torch.save(file.payload, path)
+            _torch_save(file.payload, path)
         else:
             path.write_bytes(file.payload)
+
+
+class _RecordingWriter(io.RawIOBase):
+    """A file that remembers the OSError of a failed write: torch.save reports only "unexpected pos"."""
+
+    def __init__(self, raw: Any) -> None:
+        super().__init__()
+        self.raw, self.error = raw, None
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        try:
+            written: int = self.raw.write(data)
+            return written
+        except OSError as err:
+            self.error = err
+            raise
+
+
+def _torch_save(obj: Any, path: Path) -> None:
+    """torch.save, but a full disk or a file-size limit raises the OSError (ENOSPC, EFBIG) that caused it."""
+    with open(path, "wb", buffering=0) as raw:
+        writer = _RecordingWriter(raw)
+        try:
+            torch.save(obj, writer)
+        except RuntimeError as err:
+            if writer.error is not None:
+                raise writer.error from err
+            raise
 
 
 def _pickled(obj: Any) -> bytes:
