@@ -236,3 +236,12 @@ def test_a_failed_background_write_is_a_checkpoint_error(
         saver.commit_pending()
     assert store.latest_checkpoint(tmp_path / "exp") is None
     assert not list((tmp_path / "exp" / store.STORE_DIR).glob(".incomplete-*"))
+
+
+def test_deepspeed_runs_say_they_save_synchronously(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    accelerator, _, _, _ = make_run()
+    cfg = CheckpointConfig(save_dir=str(tmp_path), async_save=True)
+    with caplog.at_level("WARNING", logger="tsdia.training.checkpointer"):
+        saver = Checkpointer(accelerator, tmp_path, cfg, deepspeed=True, resume_from=None)
+    assert not saver.background
+    assert "saves synchronously (DeepSpeed's save_checkpoint is collective)" in caplog.text
