@@ -147,7 +147,8 @@ class _RecordingWriter(io.RawIOBase):
 
     def __init__(self, raw: Any) -> None:
         super().__init__()
-        self.raw, self.error = raw, None
+        self.raw = raw
+        self.error: OSError | None = None
 
     def writable(self) -> bool:
         return True
@@ -166,7 +167,7 @@ def _torch_save(obj: Any, path: Path) -> None:
     with open(path, "wb", buffering=0) as raw:
         writer = _RecordingWriter(raw)
         try:
-            torch.save(obj, writer)
+            torch.save(obj, writer)  # type: ignore[arg-type]  # a raw binary file: what torch writes to
         except RuntimeError as err:
             if writer.error is not None:
                 raise writer.error from err
