@@ -3,7 +3,7 @@
     benchmarks/gpu.sh                       # the wrapper: checks, optional DeepSpeed wheel, this script
     python benchmarks/gpu_overhead.py [--rounds 2] [--steps 40] [--d-model 1024] [--layers 16] ...
 
-Goal: tsdia >= 0.98x the bare loop in each mode.
+Goals: tsdia >= 0.98x the bare loop's steps/s in each mode, and <= 1.05x its peak GPU memory.
 
 Both variants are launched by `torchrun --standalone --nproc_per_node <GPUs>` and train the same scaled-up
 TargetSpeakerVAD (transformer encoder, default d_model 1024 x 16 layers, ~200M parameters, bf16 autocast,
@@ -48,6 +48,7 @@ from common import EXAMPLE_CONFIG, child_env, example_sections, median, ratio_li
 
 MODES = ("ddp", "zero2")
 GOAL = 0.98
+MEMORY_GOAL = 1.05
 
 
 def have(module: str) -> bool:
@@ -388,6 +389,15 @@ def main() -> None:
         print(f"(the {args.budget_s:.0f} s budget stopped some runs: fewer runs than --rounds)")
     for mode, ratio in ratios:
         print(ratio_line(f"gpu {mode} tsdia/bare", f">= {GOAL}x", ratio))
+    for mode, _ in ratios:  # peak GPU memory (torch.cuda.max_memory_allocated on rank 0), tsdia over bare
+        bare_peak = median([x.get("peak_mem_gib", 0.0) for x in results[(mode, "bare")]])
+        tsdia_peak = median([x.get("peak_mem_gib", 0.0) for x in results[(mode, "tsdia")]])
+        if bare_peak > 0:
+            print(
+                ratio_line(f"gpu {mode} peak memory tsdia/bare", f"<= {MEMORY_GOAL}x", tsdia_peak / bare_peak)
+            )
+        else:
+            print(f"{mode}: no peak GPU memory measured (not on a GPU)")
     if not ratios:
         sys.exit("no mode was measured")
 

@@ -44,7 +44,12 @@ def assert_consistent(save_dir: Path) -> int:
     return store.read_manifest(latest).step if latest else 0  # type: ignore[union-attr]
 
 
-def test_sigkill_at_random_moments(tmp_path: Path) -> None:
+# Both ways of writing: in the training loop, and from host buffers on a background thread.
+WRITERS = {"sync": [], "async": ["training.checkpoint.async_save=true"]}
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_sigkill_at_random_moments(tmp_path: Path, writer: str) -> None:
     rng = random.Random(1234)
     save_dir = tmp_path / "killed"
     env = quiet_env(tmp_path)
@@ -54,6 +59,7 @@ def test_sigkill_at_random_moments(tmp_path: Path) -> None:
         "tsdia.train",
         str(EXAMPLE),
         *KILL_ARGS,
+        *WRITERS[writer],
         f"training.checkpoint.save_dir={save_dir}",
     ]
     kills = 0
@@ -91,6 +97,7 @@ def test_sigkill_at_random_moments(tmp_path: Path) -> None:
     final = run_train(
         tmp_path,
         *KILL_ARGS,
+        *WRITERS[writer],
         f"training.checkpoint.save_dir={save_dir}",
         "training.checkpoint.resume=latest",
         f"training.max_steps={latest + 3}",
@@ -131,7 +138,8 @@ def test_eight_racing_runs_exactly_one_proceeds(tmp_path: Path) -> None:
     assert assert_consistent(save_dir) == 2
 
 
-def test_disk_full_during_a_checkpoint(tmp_path: Path) -> None:
+@pytest.mark.parametrize("writer", WRITERS)
+def test_disk_full_during_a_checkpoint(tmp_path: Path, writer: str) -> None:
     """RLIMIT_FSIZE (set on the running process) makes the next checkpoint write fail like a full disk."""
     save_dir = tmp_path / "full"
     args = [
@@ -140,6 +148,7 @@ def test_disk_full_during_a_checkpoint(tmp_path: Path) -> None:
         "tsdia.train",
         str(EXAMPLE),
         *KILL_ARGS,
+        *WRITERS[writer],
         f"training.checkpoint.save_dir={save_dir}",
     ]
     proc = subprocess.Popen(
@@ -164,6 +173,7 @@ def test_disk_full_during_a_checkpoint(tmp_path: Path) -> None:
     resumed = run_train(
         tmp_path,
         *KILL_ARGS,
+        *WRITERS[writer],
         f"training.checkpoint.save_dir={save_dir}",
         "training.checkpoint.resume=latest",
         f"training.max_steps={latest + 2}",  # space is back: it saves again

@@ -261,7 +261,7 @@ def test_config_copy_is_byte_identical_without_overrides(tmp_path: Path) -> None
 
 
 def test_async_save_keeps_checkpoints_atomic_and_resume_exact(tmp_path: Path) -> None:
-    """Forked background writes: same files, same weights as synchronous saving, exact resume."""
+    """Background writes from host buffers: same files, same weights as synchronous saving, exact resume."""
     common = [*SMALL, "training.logging.wandb=false", "training.checkpoint.async_save=true"]
     sync, part = tmp_path / "sync", tmp_path / "part"
     assert (

@@ -74,7 +74,14 @@ class CheckpointConfig:
     )
     async_save: bool = option(
         False,
-        "Write checkpoints from a forked copy-on-write snapshot while training goes on (not DeepSpeed).",
+        "Interval checkpoints: training waits only for a copy of the state into host buffers (one host "
+        "copy of model + optimizer, pinned on GPUs, kept for the run); a thread writes it meanwhile. "
+        "DeepSpeed saves synchronously.",
+    )
+    async_timeout_s: float = option(
+        600.0,
+        "Longest wait for a background checkpoint write at the next save or the end; then CheckpointError.",
+        gt=0,
     )
 
 

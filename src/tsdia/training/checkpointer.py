@@ -4,21 +4,22 @@ Every rank writes its part into the staging directory, all ranks meet, then rank
 and renames the directory into place, updates `best_checkpoint` and rotates. A write that fails (disk
 full, quota) raises `CheckpointError` on every rank and leaves the earlier checkpoints as they were.
 
-With `checkpoint.async_save` the write happens in a forked child: the fork is a copy-on-write snapshot
-of the process at that step, so training goes on at once while the child serialises. At most one write
-is in flight; it is committed (manifest, rename, best, rotation) at the next save or at the end.
+With `checkpoint.async_save` the training loop only waits while the state is copied into reused host
+buffers (`host_snapshot`); a background thread serialises those host tensors into the staging directory
+and fsyncs them, touching no device. At most one write is in flight; it is committed (manifest, rename,
+best, rotation) at the next save or at the end, after a bounded wait for the writer
+(`checkpoint.async_timeout_s`): a writer that hangs is a `CheckpointError`, not a hung trainer.
+DeepSpeed engines save synchronously (their `save_checkpoint` is collective and writes from the device).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import sys
+import threading
 import time
-import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ from tsdia.config.schema import CheckpointConfig
 from tsdia.errors import CheckpointError
 from tsdia.experiment import checkpoints as store
 from tsdia.training.distributed import barrier, broadcast_object
+from tsdia.training.host_snapshot import HostBuffers, supported, take_snapshot, write_snapshot
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +44,8 @@ class _Write:
     trainer_state: dict[str, Any]
     final: bool
     started: float
-    child: int | None = None  # pid of the background writer
+    background: bool = False  # written by the writer thread
+    done: threading.Event = field(default_factory=threading.Event)  # set when the writer has finished
     error: str | None = None
 
 
@@ -59,8 +62,20 @@ class Checkpointer:
         self.save_dir = save_dir
         self.config = config
         self.deepspeed = deepspeed
-        # DeepSpeed engines write collectively: they cannot be forked away.
-        self.background = config.async_save and not deepspeed
+        # DeepSpeed engines write collectively from the device: they save synchronously.
+        self.background = config.async_save and not deepspeed and supported(accelerator)
+        if config.async_save and not self.background and accelerator.is_main_process:
+            why = (
+                "DeepSpeed's save_checkpoint is collective"
+                if deepspeed
+                else "no host snapshot for this backend"
+            )
+            logger.warning(
+                "training.checkpoint.async_save: this run saves synchronously (%s); "
+                "each checkpoint blocks training while it is written.",
+                why,
+            )
+        self.buffers = HostBuffers()  # reused from save to save; free again once the pending write is done
         self.protected = [Path(resume_from)] if resume_from else []  # rotation never deletes these
         self.pending: _Write | None = None
         self.blocked_s = 0.0  # total time the training loop spent inside save()
@@ -94,11 +109,11 @@ class Checkpointer:
         barrier()
         if write.error is None:
             if self.background and not final:
-                write.child = self._fork_writer(write.staging)
+                self._start_writer(write)
             else:
                 write.error = self._write_files(model, write.staging, final)
         self.pending = write
-        if write.child is None:
+        if not write.background:
             self.commit_pending()
         self.blocked_s += time.perf_counter() - started
         return final_path
@@ -114,41 +129,39 @@ class Checkpointer:
             return _describe(err)
         return None
 
-    def _fork_writer(self, staging: Path) -> int:
-        """Write the state from a copy-on-write child; the parent returns at once."""
-        for stream in (sys.stdout, sys.stderr):
-            stream.flush()
-        pid = os.fork()
-        if pid == 0:  # the child: write, then leave without running any of the parent's exit handlers
-            code = 1
-            try:
-                import torch
+    def _start_writer(self, write: _Write) -> None:
+        """Copy the state to host buffers here, then serialise and fsync it on a writer thread."""
+        try:
+            files = take_snapshot(self.accelerator, self.buffers, write.staging)
+        except Exception as err:  # e.g. no host memory for the buffers: reported like a failed write
+            write.error = _describe(err)
+            return
 
-                torch.set_num_threads(1)  # the parent's OpenMP pool does not survive fork
-                self.accelerator.save_state(str(staging), safe_serialization=True)
-                store.fsync_tree(staging)  # the slow part of durability, off the training loop too
-                code = 0
-            except BaseException:
-                with open(staging.parent / f"{staging.name}.error", "w") as f:
-                    traceback.print_exc(file=f)
+        def run() -> None:
+            try:
+                write_snapshot(files, write.staging)
+                store.fsync_tree(write.staging)  # the slow part of durability, off the training loop too
+            except BaseException as err:
+                logger.debug("Background write of %s failed", write.name, exc_info=True)
+                write.error = f"background writer failed: {_describe(err)}"
             finally:
-                os._exit(code)
-        return pid
+                write.done.set()
+
+        write.background = True
+        threading.Thread(target=run, name=f"tsdia-writer-{write.name}", daemon=True).start()
 
     def commit_pending(self) -> None:
         """Finish the pending write: wait for its writer, then commit it (collective)."""
         write, self.pending = self.pending, None
         if write is None:
             return
-        if write.child is not None:
-            _, status = os.waitpid(write.child, 0)
-            if status != 0:
-                report = write.staging.parent / f"{write.staging.name}.error"
-                detail = (
-                    report.read_text().strip().splitlines()[-1] if report.exists() else f"status {status}"
-                )
-                write.error = f"background writer failed: {detail}"
-                report.unlink(missing_ok=True)
+        if write.background and not write.done.wait(self.config.async_timeout_s):
+            # A thread cannot be killed: it is left behind (a daemon) with its own buffers.
+            self.buffers = HostBuffers()
+            write.error = (
+                f"the background writer did not finish within {self.config.async_timeout_s:g} s "
+                "(training.checkpoint.async_timeout_s); the file system may be hung or far too slow"
+            )
         # Every rank learns whether any rank failed, so none of them waits for the others forever.
         errors = [e for e in _gather(write.error) if e]
         if not errors and self.accelerator.is_main_process:
@@ -182,15 +195,18 @@ class Checkpointer:
                 "free some space, then resume with training.checkpoint.resume=latest."
             )
         if self.accelerator.is_main_process:
-            how = "in the background" if write.child else f"in {time.perf_counter() - write.started:.2f}s"
+            how = (
+                "in the background" if write.background else f"in {time.perf_counter() - write.started:.2f}s"
+            )
             logger.info("Saved %s %s%s", write.name, how, " (final)" if write.final else "")
         barrier()
 
     def abandon(self) -> None:
-        """After a crash: reap a background writer without committing (its staging is cleaned next start)."""
+        """After a crash: let a background writer finish (bounded) without committing it; its staging
+        directory is removed at the next start."""
         write, self.pending = self.pending, None
-        if write is not None and write.child is not None:
-            os.waitpid(write.child, 0)
+        if write is not None and write.background:
+            write.done.wait(self.config.async_timeout_s)
 
     def _save_consolidated_weights(self, model: Any, directory: Path) -> None:
         """DeepSpeed checkpoints hold sharded engine states; the final one also gets plain weights."""
