@@ -13,12 +13,10 @@ from pathlib import Path
 import pytest
 
 from conftest_slurm import (
-    EXAMPLE,
-    run_submit,
     slurm,
     slurm_cluster,  # noqa: F401 - the session fixture
 )
-from test_slurm_preemption import SLOW, env, preempt_after_save, wait_until
+from test_slurm_preemption import env, preempt_after_save, submit, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
 
@@ -34,21 +32,6 @@ def counting_shims(tmp_path: Path) -> tuple[Path, Path]:
         script.write_text(f'#!/bin/sh\necho {name} >> "{calls}"\nexec "{real}" "$@"\n')
         script.chmod(0o755)
     return shims, calls
-
-
-def submit(tmp_path: Path, save_dir: Path, *args: str) -> str:
-    done = run_submit(
-        str(EXAMPLE),
-        f"training.checkpoint.save_dir={save_dir}",
-        *SLOW,
-        *args,
-        cwd=tmp_path,
-        env=env(tmp_path),
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    match = re.search(r"Submitted Slurm job (\d+)", done.stdout)
-    assert match, done.stdout
-    return match.group(1)
 
 
 def test_status_and_logs_follow_jobs_through_their_states(tmp_path: Path) -> None:
