@@ -20,6 +20,7 @@ from conftest_slurm import (
     slurm_cluster,  # noqa: F401 - the session fixture
 )
 from test_slurm_preemption import env, saved_steps, wait_until
+from tsdia.follow import status
 from tsdia.slurm_commands import FINAL_STATES, job_state
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
@@ -111,6 +112,10 @@ def test_sweep_array_completes_and_a_preempted_member_resumes_alone(tmp_path: Pa
         assert all(a[k].equal(b[k]) for k in a), f"{name}: the sweep changed the weights"
         resumed = list((sweep_dir / name / "logs").glob("training_resume_*.log"))
         assert len(resumed) == (1 if name == target else 0), (name, resumed)
+    rows = status.collect([str(tmp_path)])  # tsdia status: the members, grouped under their sweep
+    assert {Path(r.experiment).name: (r.state, r.sweep) for r in rows if r.sweep} == {
+        name: ("COMPLETED", str(sweep_dir)) for name in jobs
+    }
     config = (sweep_dir / "lr=3e-4,seed=2" / "config.yml").read_text()
     assert "lr=3e-4,seed=2" in config and "wandb_group=lr-sweep" in config  # the effective overrides
 
