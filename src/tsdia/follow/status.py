@@ -16,7 +16,7 @@ from tsdia.follow.scan import OnDisk, find_experiments, read_experiment
 from tsdia.slurm_commands import JobInfo, Runner, _run, query_jobs
 
 HIDE_AFTER_S = 7 * 24 * 3600  # finished experiments older than this are hidden unless --all
-FINISHED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "STOPPED", "CRASHED", "DIED", "TIMEOUT"})
+FINISHED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "STOPPED", "CRASHED", "HUNG", "DIED", "TIMEOUT"})
 _SLURM_STATES = {  # Slurm's words -> ours (the rest pass through: FAILED, CANCELLED, TIMEOUT, ...)
     "RUNNING": "RUNNING",
     "COMPLETING": "RUNNING",
@@ -127,24 +127,32 @@ def _disk_state(e: OnDisk) -> tuple[str, str]:
             "no stop was recorded (killed, or its node died); resume with training.checkpoint.resume=latest",
         )
     if record is not None:
-        if record.reason.startswith("crash"):
-            return "CRASHED", f"at step {record.stop_step}"
+        if record.end == "completed":
+            return "COMPLETED", ""
+        if record.failed:
+            return (
+                "HUNG" if record.end == "hang" else "CRASHED"
+            ), f"{record.reason} at step {record.stop_step}"
         return "STOPPED", f"{record.reason} at step {record.stop_step}"
     if progress is not None and progress.state == "finished":
         return "COMPLETED", ""
     return "STOPPED", "stopped without a record"
 
 
+_SHORT_ENDS = {"preempted": "pre", "preemption": "pre", "time_limit": "time", "time": "time"}
+
+
 def _attempts_detail(e: OnDisk) -> str:
-    if not e.attempts:
-        return str(len(e.logs))
+    """`3 (2 pre, 1 crash)`: the attempts, and how the ones that did not complete ended."""
     kinds: dict[str, int] = {}
     for a in e.attempts:
-        word = a.reason.split(" ")[0]
-        kinds[word] = kinds.get(word, 0) + 1
-    short = {"preemption": "pre", "time": "time", "crash": "crash"}
-    parts = ", ".join(f"{n} {short.get(k, k)}" for k, n in sorted(kinds.items()))
-    return f"{len(e.logs)} ({parts})"
+        end = a.end or a.reason.split(" ")[0]  # records older than `end` have only the reason
+        if end != "completed":
+            word = _SHORT_ENDS.get(end, end)
+            kinds[word] = kinds.get(word, 0) + 1
+    if not kinds:
+        return str(len(e.logs))
+    return f"{len(e.logs)} ({', '.join(f'{n} {k}' for k, n in sorted(kinds.items()))})"
 
 
 def _wandb(e: OnDisk) -> str:
