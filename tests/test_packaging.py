@@ -101,10 +101,12 @@ def outside_env(tmp_path: Path) -> dict[str, str]:
 
 
 def dependency_dirs() -> list[str]:
-    """The test environment's package directories (torch, pip, ...). They come after the new venv's own
-    site-packages on its sys.path, so a tsdia installed in them (in an image) cannot shadow the wheel."""
+    """The test environment's package directories (torch, pip, ...), also when its venv sits inside the
+    checkout (`make test` makes `.venv/` there). Listed in a .pth file they come after the new venv's own
+    site-packages on its sys.path, and the .pth files inside them (the editable install's) are not run, so
+    neither a tsdia installed in them (in an image) nor the checkout's src/ can shadow the wheel."""
     dirs = [*site.getsitepackages(), *(p for p in sys.path if p.endswith(("site-packages", "dist-packages")))]
-    return [p for p in dict.fromkeys(dirs) if Path(p).is_dir() and not Path(p).resolve().is_relative_to(REPO)]
+    return [p for p in dict.fromkeys(dirs) if Path(p).is_dir()]
 
 
 @pytest.fixture(scope="module")
