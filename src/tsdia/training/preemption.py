@@ -345,12 +345,28 @@ def plan_node_exclusion(job_id: str, history: list[AttemptRecord]) -> tuple[list
     return suspects, wanted
 
 
+EXCLUDE_TRIES, EXCLUDE_PAUSE_S = 10, 0.5
+
+
 def apply_node_exclusion(job_id: str, nodes: list[str]) -> None:
-    """Set the requeued (pending) job's ExcNodeList; a failure is a warning, never an error."""
-    if nodes and not exclude_nodes(job_id, nodes):
-        logger.warning(
-            "Could not set ExcNodeList=%s on job %s (scontrol update failed).", ",".join(nodes), job_id
-        )
+    """Set the requeued job's ExcNodeList; a failure is a warning, never an error.
+
+    Slurm takes the change only once it has processed the requeue (it refuses it while the job still
+    counts as running), which can take a moment after `scontrol requeue` returns: try for a few seconds,
+    well inside KillWait.
+    """
+    if not nodes:
+        return
+    for _ in range(EXCLUDE_TRIES):
+        if exclude_nodes(job_id, nodes):
+            return
+        time.sleep(EXCLUDE_PAUSE_S)
+    logger.warning(
+        "Could not set ExcNodeList=%s on job %s (scontrol update refused it for %.0f s).",
+        ",".join(nodes),
+        job_id,
+        EXCLUDE_TRIES * EXCLUDE_PAUSE_S,
+    )
 
 
 def describe_stop(
