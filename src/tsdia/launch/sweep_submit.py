@@ -160,8 +160,8 @@ def _submit(
     from submitit import SlurmExecutor
     from submitit.core.utils import FailedJobError
 
-    previous = sweep.read_sweep(record.save_dir)
-    if previous is not None:
+    previous = sweep.read_sweep(record.save_dir) if resume is not None else None
+    if previous is not None:  # a fresh sweep is decided by the mkdir in claim_all, even when racing
         sweep.check_resumable(previous)
     made = sweep.claim_all(record.save_dir, todo, resume, config_path, "slurm", is_job_active)
     created_root = resume is None

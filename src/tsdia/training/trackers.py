@@ -155,9 +155,9 @@ class WandbSettings:
     project: str
     entity: str | None
     run_name: str
-    group: str | None
     mode: str  # auto, online or offline
     save_dir: str
+    group: str | None = None  # a sweep puts all its members in one group
 
 
 class WandbTracker:
