@@ -168,6 +168,19 @@ class Attempt:
         config_yaml = effective_yaml(self.config) if self.config.source.path else json.dumps(full_config)
 
         def start() -> Trackers:
+            try:
+                return start_now()
+            except Exception as err:  # e.g. wandb-core killed by a stop signal while it started
+                logger.warning(
+                    "The trackers could not start (%s: %s); training goes on without them.",
+                    type(err).__name__,
+                    err,
+                )
+                if wandb_settings is not None:
+                    record_wandb_loss(self.save_dir, self.decision.resume_index, start_step, err)
+                return Trackers()
+
+        def start_now() -> Trackers:
             trackers, wandb_tracker = init_trackers(
                 save_dir=str(self.save_dir),
                 full_config=full_config,
