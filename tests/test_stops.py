@@ -154,6 +154,13 @@ def test_a_dead_tracker_service_is_dropped_with_one_warning_and_training_goes_on
     save_dir = tmp_path / "lost"
     proc = start(tmp_path, save_dir, "training.logging.wandb=true", "training.logging.tensorboard=true")
     wait_for_checkpoint(save_dir, proc)
+    deadline = time.monotonic() + 90  # the trackers start in the background after the first step
+    while (
+        time.monotonic() < deadline
+        and proc.poll() is None
+        and not ((save_dir / "wandb_info.json").exists() and children_named(proc.pid, "wandb-core"))
+    ):
+        time.sleep(0.2)
     (core,) = children_named(proc.pid, "wandb-core")
     os.kill(core, signal.SIGKILL)
     out, err = proc.communicate(timeout=180)
