@@ -218,9 +218,18 @@ class JobSnapshot:
     excluded_nodes: tuple[str, ...]
 
 
+SNAPSHOT_TRIES, SNAPSHOT_PAUSE_S = 3, 1.0
+
+
 def job_snapshot(job_id: str, run: Runner = _run) -> JobSnapshot | None:
     """The job as slurmctld sees it now (one `scontrol show job` call), or None when it cannot be asked."""
-    out = run(["scontrol", "show", "job", "-o", job_id])
+    out = None
+    for attempt in range(SNAPSHOT_TRIES):  # a busy slurmctld (many jobs ending at once) can time out
+        out = run(["scontrol", "show", "job", "-o", job_id])
+        if out:
+            break
+        if attempt + 1 < SNAPSHOT_TRIES:
+            time.sleep(SNAPSHOT_PAUSE_S)
     if not out:
         return None
     fields = dict(_FIELD.findall(out))
