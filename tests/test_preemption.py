@@ -13,7 +13,7 @@ from conftest import SMALL, quiet_env, run_train, with_plugins
 from test_distributed import torchrun
 from tsdia.errors import EXIT_STOPPED
 from tsdia.experiment.attempts import AttemptRecord
-from tsdia.training.preemption import decide_requeue
+from tsdia.training.after_stop import decide_requeue
 
 
 def attempt(start: int, stop: int) -> AttemptRecord:

@@ -65,6 +65,17 @@ def wait_for_checkpoint(save_dir: Path, proc: subprocess.Popen[str], timeout: fl
         time.sleep(0.1)
 
 
+def wait_for_wandb(save_dir: Path, proc: subprocess.Popen[str], timeout: float = 90) -> list[int]:
+    """The pids of the trainer's wandb-core once WandB has started (in the background, after the first step)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        cores = children_named(proc.pid, "wandb-core")
+        if cores and (save_dir / "wandb_info.json").exists():
+            return cores
+        time.sleep(0.2)
+    return children_named(proc.pid, "wandb-core")
+
+
 def children_named(pid: int, name: str) -> list[int]:
     found = []
     for entry in Path("/proc").iterdir():
@@ -124,9 +135,10 @@ def test_sigterm_to_every_process_saves_and_resumes_bitwise(tmp_path: Path) -> N
         "training.logging.wandb=true",
         "training.logging.tensorboard=true",
         "training.num_workers=1",
+        "model.step_seconds=0.6",  # room for WandB's background start under load before the stop
     )
     wait_for_checkpoint(save_dir, proc)
-    assert children_named(proc.pid, "wandb-core"), "wandb's service is not a child of the trainer"
+    assert wait_for_wandb(save_dir, proc), "wandb's service is not a child of the trainer"
     before = saved_steps(save_dir)
     os.killpg(proc.pid, signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -154,14 +166,7 @@ def test_a_dead_tracker_service_is_dropped_with_one_warning_and_training_goes_on
     save_dir = tmp_path / "lost"
     proc = start(tmp_path, save_dir, "training.logging.wandb=true", "training.logging.tensorboard=true")
     wait_for_checkpoint(save_dir, proc)
-    deadline = time.monotonic() + 90  # the trackers start in the background after the first step
-    while (
-        time.monotonic() < deadline
-        and proc.poll() is None
-        and not ((save_dir / "wandb_info.json").exists() and children_named(proc.pid, "wandb-core"))
-    ):
-        time.sleep(0.2)
-    (core,) = children_named(proc.pid, "wandb-core")
+    (core,) = wait_for_wandb(save_dir, proc)
     os.kill(core, signal.SIGKILL)
     out, err = proc.communicate(timeout=180)
     assert proc.returncode == 0, out + err
@@ -205,11 +210,14 @@ def test_ctrl_c_saves_records_interrupted_and_exits_130(tmp_path: Path) -> None:
 
 def test_a_second_ctrl_c_aborts_at_once_and_the_newest_checkpoint_stays_valid(tmp_path: Path) -> None:
     save_dir = tmp_path / "aborted"
-    proc = start(tmp_path, save_dir, "model.step_seconds=1.0", "training.logging.wandb=false")
+    proc = start(tmp_path, save_dir, "model.step_seconds=2.0", "training.logging.wandb=false")
     wait_for_checkpoint(save_dir, proc)
     before = saved_steps(save_dir)
+    # The manifest appears before the save returns: a SIGINT now would stop at that very step, maybe
+    # before the second one comes. Half a second later the run is inside the next 2-second step.
+    time.sleep(0.5)
     os.kill(proc.pid, signal.SIGINT)
-    time.sleep(0.2)  # inside the current 1-second step: the stop has not been reached yet
+    time.sleep(0.2)  # inside the current step: the stop has not been reached yet
     os.kill(proc.pid, signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == EXIT_INTERRUPTED, out + err

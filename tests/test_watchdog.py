@@ -14,7 +14,7 @@ import pytest
 from conftest import EXAMPLE, REPO, quiet_env, with_plugins
 from tsdia.errors import EXIT_HANG
 from tsdia.experiment.attempts import AttemptRecord
-from tsdia.training.preemption import decide_requeue
+from tsdia.training.after_stop import decide_requeue
 from tsdia.training.watchdog import HangReport, HangWatchdog, stuck_ranks
 
 TIMEOUT_S = 5

@@ -18,23 +18,17 @@ from tsdia import cluster as cluster_env
 from tsdia.config.schema import Config, ConfigSource, TrainingConfig
 from tsdia.experiment import checkpoints as store
 from tsdia.experiment.progress import ProgressWriter
-from tsdia.slurm_commands import requeue_job
+from tsdia.training.after_stop import StopFlow, StopPlan
 from tsdia.training.artifacts import full_config_dict, hyperparameters, model_summary
 from tsdia.training.attempt import Attempt, decide_on_rank_zero
 from tsdia.training.checkpointer import Checkpointer
 from tsdia.training.components import build_optimizer, build_scheduler
 from tsdia.training.data import shutdown_workers
 from tsdia.training.distributed import barrier, broadcast_object, build_accelerator, deepspeed_config
-from tsdia.training.preemption import (
-    PreemptionWatcher,
-    StopInspector,
-    StopPlan,
-    apply_node_exclusion,
-    plan_after_stop,
-    record_completed,
-)
+from tsdia.training.preemption import PreemptionWatcher
 from tsdia.training.rendezvous import start_distributed
 from tsdia.training.trackers import Trackers
+from tsdia.training.validation import validation_metrics
 from tsdia.training.watchdog import HangWatchdog, clear_old_attempts, watch_attempt
 
 logger = logging.getLogger(__name__)
@@ -107,7 +101,7 @@ class Trainer:
         self._watchdog: HangWatchdog | None = None
         self._loss_sum = torch.zeros(())  # training loss summed since the last log line (on the device)
         self._loss_count = 0
-        self._stop_inspector: StopInspector | None = None  # rank 0 of a Slurm job: asks Slurm why we stop
+        self._stop_flow: StopFlow | None = None
 
     @property
     def attempt(self) -> Attempt:
@@ -121,6 +115,12 @@ class Trainer:
         if self._watcher is None:
             raise RuntimeError("Trainer.train() has not started yet")
         return self._watcher
+
+    @property
+    def stop_flow(self) -> StopFlow:
+        if self._stop_flow is None:
+            raise RuntimeError("Trainer.train() has not started yet")
+        return self._stop_flow
 
     @property
     def checkpointer(self) -> Checkpointer:
@@ -141,6 +141,9 @@ class Trainer:
         self.accelerator = accelerator = build_accelerator(self.config, self.cluster)
         decision, lock = decide_on_rank_zero(self.config, self.cluster)
         self._attempt = attempt = Attempt(self.config, self.cluster, decision, lock)
+        self._stop_flow = stop_flow = StopFlow(
+            attempt.save_dir, self.cluster, self.config.slurm, decision.resume_index
+        )
         preemption = training.preemption
         self._watcher = watcher = PreemptionWatcher(
             preemption.signals,
@@ -148,7 +151,7 @@ class Trainer:
             accelerator.num_processes > 1,
             accelerator.device,
             announce=self.cluster.local_rank == 0,
-            on_signal=self._start_stop_inspector if self.cluster.is_main and self.cluster.job_id else None,
+            on_signal=stop_flow.on_signal if stop_flow.asks_slurm else None,
         )
         watcher.install()
         plan: StopPlan | None = None
@@ -160,19 +163,20 @@ class Trainer:
             attempt.write_config()
             result = self._run()
             if result.stopped_early:
-                plan = StopPlan(**broadcast_object(asdict(self._plan_after_stop())))
+                local_plan = stop_flow.plan(self.start_step, self.progress.global_step, watcher.stop_signal)
+                plan = StopPlan(**broadcast_object(asdict(local_plan)))
                 result.stop_reason, result.requeued, result.end = watcher.stop_signal, plan.requeue, plan.end
-            elif self.cluster.is_main:
-                self._record_completed(result.global_step)
+            else:
+                stop_flow.record_completed(self.start_step, result.global_step)
         except BaseException as err:
             crashed = True
             attempt.record_crash()
             if self._checkpointer is not None:
                 self._checkpointer.abandon()
             if isinstance(err, Exception):
-                plan = self._plan_after_stop(failure="crash")
+                plan = stop_flow.plan(self.start_step, self.progress.global_step, None, failure="crash")
             elif isinstance(err, KeyboardInterrupt) and watcher.interrupts > 1:
-                self._plan_after_stop(failure="aborted")
+                stop_flow.plan(self.start_step, self.progress.global_step, None, failure="aborted")
             raise
         finally:
             if self._watchdog is not None:
@@ -182,47 +186,8 @@ class Trainer:
             if plan is not None and plan.requeue:
                 if not crashed:
                     barrier()  # every rank has saved and closed its files before Slurm ends this attempt
-                job_id = self.cluster.job_id if self.cluster.is_main else None
-                if job_id and plan.requeue_now and requeue_job(job_id):
-                    apply_node_exclusion(job_id, plan.exclude)
+                stop_flow.requeue(plan)
         return result
-
-    def _plan_after_stop(self, failure: str | None = None) -> StopPlan:
-        """Rank 0 records the attempt and says (in the log) whether the job will be requeued."""
-        if not self.cluster.is_main:
-            return StopPlan(end="", requeue=False)
-        return plan_after_stop(
-            save_dir=self.attempt.save_dir,
-            cluster=self.cluster,
-            slurm=self.config.slurm,
-            resume_index=self.attempt.decision.resume_index,
-            start_step=self.start_step,
-            stop_step=self.progress.global_step,
-            signal_name=None if failure else self.watcher.stop_signal,
-            slurm_stop=self._stop_inspector.slurm_stop if self._stop_inspector else None,
-            requeued_early=bool(self._stop_inspector and self._stop_inspector.requeued_early),
-            failure=failure,
-        )
-
-    def _record_completed(self, step: int) -> None:
-        record_completed(
-            self.attempt.save_dir, self.cluster, self.attempt.decision.resume_index, self.start_step, step
-        )
-
-    def _start_stop_inspector(self, signal_name: str) -> None:
-        """From the signal handler: ask Slurm now (off the main thread) why the job is being stopped."""
-        if self._stop_inspector is None:
-            self._stop_inspector = StopInspector(self.attempt.save_dir, self.cluster, self.config.slurm)
-        self._stop_inspector.start(signal_name)
-
-    def _on_agreed_stop(self) -> None:
-        """Rank 0, once the ranks agreed to stop: wait for Slurm's answer (ask now if a peer had the signal)."""
-        if not (self.cluster.is_main and self.cluster.job_id):
-            return
-        if self._stop_inspector is None:
-            self._start_stop_inspector(self.watcher.stop_signal or "")
-        assert self._stop_inspector is not None
-        self._stop_inspector.wait()
 
     def _run(self) -> TrainResult:
         """Prepare model, optimizer and data, write the run's artifacts, restore a checkpoint, then loop."""
@@ -404,7 +369,7 @@ class Trainer:
             if step >= total_steps:
                 return False
             if self.watcher.should_stop(step):
-                self._on_agreed_stop()
+                self.stop_flow.on_agreed_stop(self.watcher.stop_signal)
                 return True
             watchdog.phase = "data"
         return False
@@ -428,7 +393,6 @@ class Trainer:
         self.progress.batches_in_epoch = 0
         return metrics
 
-    @torch.no_grad()
     def _validate(self, val_dl: Any) -> dict[str, float]:
         """Average every scalar the model returns over the validation set, across ranks; log as `val_*`."""
         if val_dl is None:
@@ -438,27 +402,8 @@ class Trainer:
 
     def _validate_watched(self, val_dl: Any) -> dict[str, float]:
         accelerator = self.accelerator
-        model = self.prepared_model
-        model.eval()
-        sums: dict[str, torch.Tensor] = {}
-        batches = 0
         limit = self.config.training.validation.max_steps
-        for i, batch in enumerate(val_dl):
-            if limit is not None and i >= limit:
-                break
-            output = model(batch)
-            values = output if isinstance(output, dict) else {"loss": output}
-            for name, value in values.items():
-                if torch.is_tensor(value) and value.numel() == 1:
-                    sums[name] = (
-                        sums.get(name, torch.zeros((), device=accelerator.device)) + value.detach().float()
-                    )
-            batches += 1
-        model.train()
-        metrics = {
-            f"val_{name}": accelerator.reduce(total / max(batches, 1), "mean").item()
-            for name, total in sorted(sums.items())
-        }
+        metrics = validation_metrics(self.prepared_model, val_dl, accelerator, limit)
         step = self.progress.global_step
         self.progress.last_val_step = step
         self._log(metrics, step)

@@ -43,7 +43,7 @@ from tsdia.experiment.attempts import AttemptRecord, read_attempts, record_attem
 from tsdia.experiment.layout import STORE_DIR
 from tsdia.fileio import atomic_write_text
 from tsdia.slurm_commands import requeue_job
-from tsdia.training.preemption import apply_node_exclusion, decide_requeue, plan_node_exclusion
+from tsdia.training.after_stop import apply_node_exclusion, decide_requeue, plan_node_exclusion
 
 logger = logging.getLogger(__name__)
 
