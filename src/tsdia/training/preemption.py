@@ -44,6 +44,15 @@ INTERRUPT_NOTICE = (
 )
 
 
+def _host_group() -> Any:
+    """A gloo group over every rank when the default backend does not work on host tensors, else None."""
+    import torch.distributed as dist
+
+    if dist.get_backend() == "gloo":
+        return None
+    return dist.new_group(backend="gloo")
+
+
 class PreemptionWatcher:
     """Installs flag-only signal handlers; `should_stop()` makes every rank agree on when to stop.
 
@@ -56,7 +65,6 @@ class PreemptionWatcher:
         signals: Sequence[str],
         check_interval: int,
         distributed: bool,
-        device: Any = "cpu",
         announce: bool = True,
         on_signal: Callable[[str], None] | None = None,
     ) -> None:
@@ -70,13 +78,16 @@ class PreemptionWatcher:
         self.interrupts = 0
         self.check_interval = check_interval
         self.distributed = distributed
-        self.device = device
         self.received: int | None = _early_signal  # signal number, set by the handler
         self.received_at: float | None = None
         self.stop_signal: str | None = None  # the agreed stop's signal name, once decided
         self._previous: dict[int, Any] = {}
+        self._group: Any = None  # the process group the flags are all-reduced over (None: the default)
 
     def install(self) -> None:
+        """Install the handlers (and, distributed under NCCL, the CPU group for agreeing: collective)."""
+        if self.distributed:
+            self._group = _host_group()
         for number in self.signal_numbers:
             self._previous[number] = signal.signal(number, self._handle)
         if self.received is not None and self.on_signal is not None:
@@ -112,12 +123,7 @@ class PreemptionWatcher:
         if not self.distributed:
             local = self.received
         elif step % self.check_interval == 0:
-            import torch
-            import torch.distributed as dist
-
-            flag = torch.tensor([self.received or 0], dtype=torch.int64, device=self.device)
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            local = int(flag.item()) or None
+            local = self._agree()
         else:
             return False
         if local:
@@ -127,3 +133,17 @@ class PreemptionWatcher:
             )
             return True
         return False
+
+    def _agree(self) -> int | None:
+        """The highest signal number any rank received (0: none), agreed over host memory only.
+
+        A flag on the GPU would cost a host-device sync (`.item()` waits for every queued kernel) at each
+        agreement; under NCCL the flags go over a gloo group on the CPU instead, created once by
+        `install()` on every rank.
+        """
+        import torch
+        import torch.distributed as dist
+
+        flag = torch.tensor([self.received or 0], dtype=torch.int64)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)
+        return int(flag[0]) or None

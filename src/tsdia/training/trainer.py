@@ -149,7 +149,6 @@ class Trainer:
             preemption.signals,
             preemption.check_interval,
             accelerator.num_processes > 1,
-            accelerator.device,
             announce=self.cluster.local_rank == 0,
             on_signal=stop_flow.on_signal if stop_flow.asks_slurm else None,
         )
