@@ -327,3 +327,24 @@ def test_cli_refuses_a_non_optimizer_target_and_writes_nothing(tmp_path: Path, t
     assert "training.optimizer.target" in result.stderr and "not a torch.optim.Optimizer" in result.stderr
     assert "Traceback" not in result.stderr
     assert sorted(p for p in tmp_path.rglob("*") if not p.name.startswith(".wandb")) == before
+
+
+def test_tracker_config_holds_the_target_form_and_loads_again(tmp_path: Path) -> None:
+    """The config sent to the trackers (and written as config.yml for a Trainer given no file) says what ran."""
+    import yaml
+
+    from tsdia.training.artifacts import full_config_dict
+
+    path = config_file(
+        tmp_path, "target: torch.optim.SGD\nlr: 0.1\nmomentum: 0.9\n", "name: noam\nwarmup_steps: 8\n"
+    )
+    dumped = full_config_dict(load_config(path))
+    assert dumped["training"]["optimizer"] == {"target": "torch.optim.SGD", "lr": 0.1, "momentum": 0.9}
+    assert dumped["training"]["scheduler"] == {"name": "noam", "warmup_steps": 8, "min_lr_ratio": 0.0}
+    (tmp_path / "again.yml").write_text(yaml.safe_dump(dumped))
+    again = load_config(str(tmp_path / "again.yml"))
+    assert again.training.optimizer.settings() == dumped["training"]["optimizer"]
+    plain = full_config_dict(load_config(config_file(tmp_path)))  # the built-in form
+    assert (
+        "target" not in plain["training"]["optimizer"] and plain["training"]["optimizer"]["name"] == "adamw"
+    )

@@ -24,6 +24,9 @@ def full_config_dict(config: Config) -> dict[str, Any]:
             out[f.name] = {"target": value.target, **value.kwargs}
         else:
             out[f.name] = dataclasses.asdict(value)
+    # As written: a `target` with its arguments, or a built-in `name` with its keys (loadable again).
+    out["training"]["optimizer"] = config.training.optimizer.settings()
+    out["training"]["scheduler"] = config.training.scheduler.settings()
     return out
 
 
