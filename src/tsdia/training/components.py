@@ -91,9 +91,8 @@ def check_kwargs(
         params = list(inspect.signature(factory).parameters.values())
     except (TypeError, ValueError):
         return lambda name: True  # a builtin without a signature: let the call decide
-    passed_first = (
-        params[0].name if first and params and params[0].kind is not params[0].VAR_POSITIONAL else None
-    )
+    positional = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    passed_first = params[0].name if first and params and params[0].kind in positional else None
     named = [
         p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and p.name != passed_first
     ]
