@@ -13,7 +13,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from tsdia.config.schema import ComponentConfig, Config, ConfigSource
+from tsdia.config.schema import ComponentConfig, Config, ConfigSource, OptimizerConfig, SchedulerConfig
 from tsdia.config.yaml_source import parse_yaml, read_config_text
 from tsdia.errors import ConfigError
 
@@ -109,6 +109,7 @@ def config_from_dict(raw: dict[str, Any], source: ConfigSource) -> Config:
             where = source.where("training.optimizer.betas")
             errors.append(f"{where}: training.optimizer.betas: expected two values in [0, 1), got {betas}.")
         errors.extend(_dataloader_errors(config, source))
+        errors.extend(_schedule_errors(config, source))
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     config.source = source
@@ -139,6 +140,19 @@ def _dataloader_errors(config: Config, source: ConfigSource) -> list[str]:
     return errors
 
 
+def _schedule_errors(config: Config, source: ConfigSource) -> list[str]:
+    scheduler = config.training.scheduler
+    if scheduler.target is None and scheduler.name in ("noam", "inverse_sqrt") and not scheduler.warmup_steps:
+        key_path = "training.scheduler.warmup_steps"
+        where = source.positions.get(key_path) or source.where("training.scheduler.name")
+        return [
+            f"{where}: {key_path}: the {scheduler.name} schedule needs warmup_steps > 0: "
+            "it rises to `lr` over the warm-up, then decays as lr * sqrt(warmup_steps / step). Set e.g. "
+            "warmup_steps: 25000 (a common value for speech transformers), or choose another name."
+        ]
+    return []
+
+
 def _build(cls: type, raw: Any, path: str, source: ConfigSource, errors: list[str]) -> Any:
     where = source.where(path) if path else source.path
     if raw is None:
@@ -148,12 +162,17 @@ def _build(cls: type, raw: Any, path: str, source: ConfigSource, errors: list[st
         return cls()
     if cls is ComponentConfig:
         return _build_component(raw, path, source, errors)
+    if cls in _TARGETABLE and raw.get("target") is not None:
+        return _build_targeted(cls, raw, path, source, errors)
     hints, fields = _schema_of(cls)
     values: dict[str, Any] = {}
     for key, value in raw.items():
         key_path = f"{path}.{key}" if path else key
         if key not in fields:
-            errors.append(_unknown_key(key, key_path, path, list(fields), source))
+            message = _unknown_key(key, key_path, path, list(fields), source)
+            if cls in _TARGETABLE:
+                message += f" Any other argument needs `{path}.target` (see the README, 'Optimizers and learning-rate schedules')."
+            errors.append(message)
             continue
         hint = hints[key]
         if key_path in _SPECIAL:
@@ -174,7 +193,9 @@ def _build(cls: type, raw: Any, path: str, source: ConfigSource, errors: list[st
 @functools.cache
 def _schema_of(cls: type) -> tuple[dict[str, Any], dict[str, dataclasses.Field[Any]]]:
     """A section's resolved type hints and fields (resolving hints is slow; a sweep builds many configs)."""
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "source"}
+    fields = {
+        f.name: f for f in dataclasses.fields(cls) if f.name != "source" and not f.metadata.get("internal")
+    }
     return typing.get_type_hints(cls), fields
 
 
@@ -231,6 +252,47 @@ def _build_component(
             f"got {target!r}."
         )
     return ComponentConfig(target=str(target), kwargs={k: v for k, v in raw.items() if k != "target"})
+
+
+# Sections that take either their own keys or `target` plus the target's keyword arguments.
+_TARGETABLE = (OptimizerConfig, SchedulerConfig)
+# With `target`, these keys stay tsdia's own (typed and checked here), all others become kwargs.
+_KEPT_WITH_TARGET = {OptimizerConfig: ("lr",), SchedulerConfig: ()}
+
+
+def _build_targeted(
+    cls: type, raw: dict[str, Any], path: str, source: ConfigSource, errors: list[str]
+) -> Any:
+    """`{target: torch.optim.SGD, lr: 0.1, momentum: 0.9}`: the target (checked when it is imported at
+    start-up), tsdia's kept keys, and every other key as a keyword argument."""
+    target = raw["target"]
+    where = source.where(f"{path}.target")
+    if (
+        not isinstance(target, str)
+        or not re.fullmatch(r"[A-Za-z_][\w.]*(:[A-Za-z_][\w.]*)?", target)
+        or (":" not in target and "." not in target)
+    ):
+        errors.append(
+            f"{where}: {path}.target: expected an import path such as 'torch.optim.SGD' or "
+            f"'package.module:callable', got {target!r}."
+        )
+        target = ""
+    if raw.get("name") is not None:
+        errors.append(
+            f"{source.where(path + '.name')}: {path}: set either `name` (a built-in) or `target` (an import "
+            f"path), not both; on the command line replace the whole section, e.g. "
+            f"'{path}={{target: {target or 'pkg.mod:fn'}}}'."
+        )
+    hints, fields = _schema_of(cls)
+    values: dict[str, Any] = {"target": target}
+    for key in _KEPT_WITH_TARGET[cls]:
+        if key in raw:
+            try:
+                values[key] = _check_value(raw[key], hints[key], fields[key].metadata)
+            except ValueError as why:
+                errors.append(f"{source.where(f'{path}.{key}')}: {path}.{key}: {why}")
+    kept = ("target", "name", *_KEPT_WITH_TARGET[cls])
+    return cls(**values, kwargs={k: v for k, v in raw.items() if k not in kept})
 
 
 def _unknown_key(key: str, key_path: str, parent: str, valid: list[str], source: ConfigSource) -> str:

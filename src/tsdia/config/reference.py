@@ -17,7 +17,7 @@ def rows(cls: type = Config, prefix: str = "") -> list[tuple[str, str, str]]:
     instance = cls()
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name == "source":
+        if f.name == "source" or f.metadata.get("internal"):
             continue
         key = f"{prefix}{f.name}"
         hint = hints[f.name]

@@ -6,7 +6,7 @@ types and ranges from the field metadata (`ge`, `gt`, `le`, `choices`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 EXAMPLE_MODEL = "tsdia.examples.tsvad:TargetSpeakerVAD"
@@ -14,7 +14,8 @@ EXAMPLE_DATASET = "tsdia.examples.tsvad:build_datasets"
 
 
 def option(default: Any = None, doc: str = "", **checks: Any) -> Any:
-    """A dataclass field with a docstring and range checks (`ge`, `gt`, `le`) kept in its metadata."""
+    """A dataclass field with a docstring and range checks (`ge`, `gt`, `le`) kept in its metadata;
+    `internal=True`: filled by the loader, never a YAML key of its own."""
     meta = {"doc": doc, **checks}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
@@ -36,23 +37,60 @@ class ComponentConfig:
 
 @dataclass
 class OptimizerConfig:
+    """A built-in optimizer by `name`, or any optimizer by `target` (then every other key is its kwarg)."""
+
     name: Literal["adamw", "adam", "sgd"] = option("adamw", "Optimizer: adamw, adam or sgd.")
-    lr: float = option(1e-3, "Peak learning rate.", gt=0)
+    lr: float = option(1e-3, "Peak learning rate (the schedule scales it); also passed to `target`.", gt=0)
     weight_decay: float = option(0.01, "Decoupled (adamw) or L2 (adam, sgd) weight decay.", ge=0)
     betas: list[float] = option([0.9, 0.999], "Adam betas (two values in [0, 1)).")
     eps: float = option(1e-8, "Adam epsilon.", gt=0)
     momentum: float = option(0.9, "SGD momentum.", ge=0, le=1)
+    target: str | None = option(
+        None,
+        "Import path of any optimizer class or factory, e.g. torch.optim.SGD, called as "
+        "target(params, lr=lr, **other_keys); replaces `name` and its keys.",
+    )
+    kwargs: dict[str, Any] = option({}, "With `target`: its other keys (keyword arguments).", internal=True)
+
+    def settings(self) -> dict[str, Any]:
+        """What the optimizer is built from (for hyperparameters.json and the trackers)."""
+        if self.target is None:
+            return {k: v for k, v in asdict(self).items() if k not in ("target", "kwargs")}
+        return {"target": self.target, "lr": self.lr, **self.kwargs}
 
 
 @dataclass
 class SchedulerConfig:
-    name: Literal["cosine", "linear", "constant"] = option(
-        "cosine", "Learning-rate decay after warm-up, defined over `training.epochs` (not `max_steps`)."
+    """A built-in schedule by `name`, or any LRScheduler factory by `target` (every other key its kwarg)."""
+
+    name: Literal["cosine", "linear", "constant", "noam", "inverse_sqrt"] = option(
+        "cosine",
+        "Learning-rate schedule after the warm-up: cosine, linear (to min_lr_ratio at the end of "
+        "`training.epochs`, not `max_steps`), constant, or noam / inverse_sqrt (the same: lr * "
+        "sqrt(warmup_steps / step)).",
     )
-    warmup_steps: int = option(0, "Linear warm-up, in optimizer steps.", ge=0)
+    warmup_steps: int = option(
+        0, "Linear warm-up to `lr`, in optimizer steps (noam and inverse_sqrt need it > 0).", ge=0
+    )
     min_lr_ratio: float = option(
-        0.0, "Final learning rate as a fraction of `lr` (cosine, linear).", ge=0, le=1
+        0.0,
+        "Lowest learning rate as a fraction of `lr`: where cosine and linear end, the floor of noam and "
+        "inverse_sqrt; constant ignores it.",
+        ge=0,
+        le=1,
     )
+    target: str | None = option(
+        None,
+        "Import path of a schedule factory, called as target(optimizer, total_steps=N, **other_keys) "
+        "(total_steps only if it takes it), returning an LRScheduler; replaces `name` and its keys.",
+    )
+    kwargs: dict[str, Any] = option({}, "With `target`: its other keys (keyword arguments).", internal=True)
+
+    def settings(self) -> dict[str, Any]:
+        """What the schedule is built from (for hyperparameters.json and the trackers)."""
+        if self.target is None:
+            return {k: v for k, v in asdict(self).items() if k not in ("target", "kwargs")}
+        return {"target": self.target, **self.kwargs}
 
 
 @dataclass

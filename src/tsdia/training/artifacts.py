@@ -24,6 +24,9 @@ def full_config_dict(config: Config) -> dict[str, Any]:
             out[f.name] = {"target": value.target, **value.kwargs}
         else:
             out[f.name] = dataclasses.asdict(value)
+    # As written: a `target` with its arguments, or a built-in `name` with its keys (loadable again).
+    out["training"]["optimizer"] = config.training.optimizer.settings()
+    out["training"]["scheduler"] = config.training.scheduler.settings()
     return out
 
 
@@ -76,8 +79,8 @@ def hyperparameters(
         "per_device_batch_size": training.batch_size,
         "gradient_accumulation_steps": training.gradient_accumulation_steps,
         "effective_batch_size": effective_batch,
-        "optimizer": dataclasses.asdict(training.optimizer),
-        "scheduler": dataclasses.asdict(training.scheduler),
+        "optimizer": training.optimizer.settings(),
+        "scheduler": training.scheduler.settings(),
         "max_grad_norm": training.max_grad_norm,
         "mixed_precision": training.mixed_precision,
         "seed": training.seed,

@@ -22,9 +22,9 @@ from tsdia.training.after_stop import StopFlow, StopPlan
 from tsdia.training.artifacts import full_config_dict, hyperparameters, model_summary
 from tsdia.training.attempt import Attempt, decide_on_rank_zero
 from tsdia.training.checkpointer import Checkpointer
-from tsdia.training.components import build_optimizer, build_scheduler
 from tsdia.training.data import shutdown_workers
 from tsdia.training.distributed import barrier, broadcast_object, build_accelerator, deepspeed_config
+from tsdia.training.optim import build_optimizer, build_scheduler
 from tsdia.training.preemption import PreemptionWatcher
 from tsdia.training.rendezvous import start_distributed
 from tsdia.training.trackers import Trackers
@@ -191,7 +191,7 @@ class Trainer:
     def _run(self) -> TrainResult:
         """Prepare model, optimizer and data, write the run's artifacts, restore a checkpoint, then loop."""
         accelerator, attempt, training = self.accelerator, self.attempt, self.config.training
-        raw_optimizer = build_optimizer(self.model.parameters(), training.optimizer)
+        raw_optimizer = build_optimizer(self.model.parameters(), training.optimizer, self.config.source)
         prepared = accelerator.prepare(self.model, raw_optimizer, self.train_dataloader, *self._val_loaders())
         model, optimizer, train_dl = prepared[:3]
         val_dl = prepared[3] if len(prepared) > 3 else None
@@ -199,7 +199,7 @@ class Trainer:
         schedule_steps = steps_per_epoch * training.epochs
         total_steps = min(schedule_steps, training.max_steps or schedule_steps)
         self.total_steps = total_steps
-        scheduler = build_scheduler(raw_optimizer, training.scheduler, schedule_steps)
+        scheduler = build_scheduler(raw_optimizer, training.scheduler, schedule_steps, self.config.source)
         accelerator.register_for_checkpointing(scheduler)
         self.prepared_model, self.optimizer, self.scheduler = model, optimizer, scheduler
 
