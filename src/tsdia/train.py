@@ -23,7 +23,6 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     from tsdia.training.components import build_component
     from tsdia.training.data import build_dataloaders
-    from tsdia.training.optim import check_optim
     from tsdia.training.trainer import Trainer
 
     set_seed(config.training.seed)
@@ -31,7 +30,6 @@ def run(argv: Sequence[str] | None = None) -> int:
     datasets = build_component(config.dataset, "dataset", config.source)
     train_set, val_set = datasets if isinstance(datasets, tuple) else (datasets, None)
     train_dl, val_dl = build_dataloaders(train_set, val_set, config.training)
-    check_optim(config.training, config.source, len(train_dl))  # bad optimizer input: exit 2, nothing written
     trainer = Trainer(model, train_dl, val_dl, config=config, config_path=config_path)
     result = trainer.train()
     ignore_stop_signals(stop_signals)  # everything is saved: a late signal must not fail the job

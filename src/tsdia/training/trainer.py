@@ -24,7 +24,7 @@ from tsdia.training.attempt import Attempt, decide_on_rank_zero
 from tsdia.training.checkpointer import Checkpointer
 from tsdia.training.data import shutdown_workers
 from tsdia.training.distributed import barrier, broadcast_object, build_accelerator, deepspeed_config
-from tsdia.training.optim import build_optimizer, build_scheduler
+from tsdia.training.optim import build_optimizer, build_scheduler, check_optim
 from tsdia.training.preemption import PreemptionWatcher
 from tsdia.training.rendezvous import start_distributed
 from tsdia.training.trackers import Trackers
@@ -137,6 +137,8 @@ class Trainer:
     def train(self) -> TrainResult:
         """Run (or resume) the experiment to the end; raises `TsdiaError` subclasses for user mistakes."""
         training = self.config.training
+        # A bad optimizer or schedule target stops every rank (exit 2) before anything is written.
+        check_optim(training, self.config.source, len(self.train_dataloader))
         startup = start_distributed(self.config, self.cluster)  # every rank joins, or a clear error in time
         self.accelerator = accelerator = build_accelerator(self.config, self.cluster)
         decision, lock = decide_on_rank_zero(self.config, self.cluster)
