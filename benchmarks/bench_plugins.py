@@ -28,8 +28,8 @@ def pin_threads() -> int:
     return torch.get_num_threads()
 
 
-class TimedTSVAD(TargetSpeakerVAD):
-    """TargetSpeakerVAD that records the wall time between the starts of two training forward calls.
+class StepWindowTimer:
+    """Records the wall time between the starts of two training forward calls (mixed into a model).
 
     `perf_counter()` is read at the start of training forward call `warmup + 1` (step `warmup` has fully
     finished: its backward, optimizer step, logging and any checkpoint) and at call `warmup + steps + 1`.
@@ -40,8 +40,9 @@ class TimedTSVAD(TargetSpeakerVAD):
     Validation calls (`self.training` false) are not counted.
     """
 
-    def __init__(self, timing_warmup: int = 10, timing_steps: int = 100, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
+    training: bool
+
+    def start_timer(self, timing_warmup: int, timing_steps: int) -> None:
         self.timing_warmup = timing_warmup
         self.timing_steps = timing_steps
         self.calls = 0
@@ -50,31 +51,93 @@ class TimedTSVAD(TargetSpeakerVAD):
         self.thread_started = 0.0
         self.threads = pin_threads()
 
+    def tick(self, batch: dict[str, torch.Tensor]) -> None:
+        """Call at the start of forward."""
+        if not self.training:
+            return
+        self.calls += 1
+        if self.calls == self.timing_warmup + 1:
+            _sync(batch)
+            self.started = time.perf_counter()
+            self.cpu_started = tree_cpu_seconds()
+            self.thread_started = time.thread_time()
+        elif self.calls == self.timing_warmup + self.timing_steps + 1 and self.started is not None:
+            _sync(batch)
+            elapsed = time.perf_counter() - self.started
+            own, children = tree_cpu_seconds()
+            _write_timing(
+                {
+                    "window_s": elapsed,
+                    "cpu_s": own + children - sum(self.cpu_started),
+                    "cpu_main_s": own - self.cpu_started[0],
+                    "cpu_training_thread_s": time.thread_time() - self.thread_started,
+                    "cpu_helpers_s": children - self.cpu_started[1],
+                    "steps": self.timing_steps,
+                    "threads": torch.get_num_threads(),
+                    **_device_facts(),
+                }
+            )
+
+
+class TimedTSVAD(StepWindowTimer, TargetSpeakerVAD):
+    """The example model (TargetSpeakerVAD), timed over a window of steps (see `StepWindowTimer`)."""
+
+    def __init__(self, timing_warmup: int = 10, timing_steps: int = 100, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.start_timer(timing_warmup, timing_steps)
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self.training:
-            self.calls += 1
-            if self.calls == self.timing_warmup + 1:
-                _sync(batch)
-                self.started = time.perf_counter()
-                self.cpu_started = tree_cpu_seconds()
-                self.thread_started = time.thread_time()
-            elif self.calls == self.timing_warmup + self.timing_steps + 1 and self.started is not None:
-                _sync(batch)
-                elapsed = time.perf_counter() - self.started
-                own, children = tree_cpu_seconds()
-                _write_timing(
-                    {
-                        "window_s": elapsed,
-                        "cpu_s": own + children - sum(self.cpu_started),
-                        "cpu_main_s": own - self.cpu_started[0],
-                        "cpu_training_thread_s": time.thread_time() - self.thread_started,
-                        "cpu_helpers_s": children - self.cpu_started[1],
-                        "steps": self.timing_steps,
-                        "threads": torch.get_num_threads(),
-                        **_device_facts(),
-                    }
-                )
+        self.tick(batch)
         return super().forward(batch)
+
+
+class TimedMLP(StepWindowTimer, torch.nn.Module):
+    """A 3-layer MLP regressor whose step costs ~1-2 ms on one CPU thread: the loop's own costs show."""
+
+    def __init__(
+        self,
+        features: int = 64,
+        hidden: int = 256,
+        outputs: int = 8,
+        timing_warmup: int = 10,
+        timing_steps: int = 100,
+    ) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(features, hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(hidden, hidden),
+            torch.nn.ReLU(),
+            torch.nn.Linear(hidden, outputs),
+        )
+        self.start_timer(timing_warmup, timing_steps)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        self.tick(batch)
+        loss = torch.nn.functional.mse_loss(self.net(batch["features"]), batch["targets"])
+        return {"loss": loss}
+
+
+class TensorSamples(torch.utils.data.Dataset[dict[str, torch.Tensor]]):
+    """Precomputed tensors in memory: loading a sample is two row views (no synthesis, no I/O)."""
+
+    def __init__(self, size: int, features: int, outputs: int, seed: int) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.features = torch.randn(size, features, generator=generator)
+        self.targets = torch.randn(size, outputs, generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"features": self.features[index], "targets": self.targets[index]}
+
+
+def tensor_datasets(
+    num_train: int = 4096, features: int = 64, outputs: int = 8, seed: int = 0
+) -> tuple[TensorSamples, None]:
+    """`dataset.target` for TimedMLP: a training set of precomputed tensors, no validation set."""
+    return TensorSamples(num_train, features, outputs, seed), None
 
 
 def _sync(batch: dict[str, torch.Tensor]) -> None:

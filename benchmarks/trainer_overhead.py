@@ -38,7 +38,8 @@ thread need a core too, 2 torch threads would measure CPU oversubscription, not 
 node those helpers run on otherwise idle cores.
 
 Extra variants (`--variants`): `tsdia-quiet` (tsdia without trackers and progress bar: splits the cost
-up) and `bare-again` (a second, identical bare loop: an A/A test that shows how far apart two identical
+up), `tsdia-unseeded` (without the per-sample RNG seeding that makes on-the-fly augmentation exact: its
+cost per step is the batch size times the per-sample cost, see `dataloader_seeding.py`) and `bare-again` (a second, identical bare loop: an A/A test that shows how far apart two identical
 variants land on this machine, i.e. the resolution of the ratio).
 """
 
@@ -64,13 +65,14 @@ from common import (
 )
 
 VARIANTS = ("bare", "tsdia", "lightning")
-# tsdia-quiet: tsdia without trackers or progress bar (splits the cost up); bare-again: a second, identical
+# tsdia-quiet: tsdia without trackers or progress bar (splits the cost up); tsdia-unseeded: tsdia without
+# the per-sample RNG seeding (training.dataloader.seed_samples: false); bare-again: a second, identical
 # bare loop (an A/A test: how far apart two identical variants land on this machine).
-EXTRA_VARIANTS = ("tsdia-quiet", "bare-again")
-# --small: the example model shrunk until the loop's own per-step costs show (GPU-like step times).
-SMALL_MODEL = {"encoder": "transformer", "d_model": 16, "num_layers": 1, "num_heads": 2, "dropout": 0.0}
-SMALL_FRAMES = 8
-SMALL_BATCH = 8
+EXTRA_VARIANTS = ("tsdia-quiet", "tsdia-unseeded", "bare-again")
+# --small: a 3-layer MLP on precomputed tensors (bench_plugins.TimedMLP, tensor_datasets): a step of
+# ~1-2 ms on one thread, where the loop's own per-step costs show (GPU-like step times).
+SMALL_MODEL = {"features": 64, "hidden": 256, "outputs": 8}
+SMALL_BATCH = 16
 
 
 def settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -78,16 +80,19 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     example = example_sections()
     training = example["training"]
     total = args.warmup + args.steps + 1  # the window's closing timestamp is taken in step total's forward
-    dataset = component_kwargs(example["dataset"])
-    # One epoch covers every step, so no epoch end (validation) falls inside the window.
-    model = component_kwargs(example["model"])
-    batch_size = training["batch_size"]
-    if args.small:  # a step of ~1-2 ms on one thread: per-step costs of the loop itself dominate
-        model.update(SMALL_MODEL)
-        dataset["num_frames"] = SMALL_FRAMES
+    if args.small:  # the loop's own per-step costs dominate
+        model_target, model = "bench_plugins:TimedMLP", dict(SMALL_MODEL)
+        dataset_target = "bench_plugins:tensor_datasets"
+        dataset = {"features": SMALL_MODEL["features"], "outputs": SMALL_MODEL["outputs"], "num_train": 0}
         batch_size = SMALL_BATCH
+    else:  # the example model; one epoch covers every step, so no epoch end (validation) is in the window
+        model_target, model = "bench_plugins:TimedTSVAD", component_kwargs(example["model"])
+        dataset_target, dataset = example["dataset"]["target"], component_kwargs(example["dataset"])
+        batch_size = training["batch_size"]
     dataset["num_train"] = max(dataset["num_train"], (total + 1) * batch_size)
     return {
+        "model_target": model_target,
+        "dataset_target": dataset_target,
         "model": {
             **model,
             "timing_warmup": args.warmup,
@@ -107,14 +112,10 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def tsdia_command(s: dict[str, Any], save_dir: Path, quiet: bool) -> list[str]:
-    overrides = {
-        "model.target": "bench_plugins:TimedTSVAD",
-        "model.timing_warmup": s["model"]["timing_warmup"],
-        "model.timing_steps": s["model"]["timing_steps"],
-        **{f"model.{k}": v for k, v in s["model"].items() if k not in ("timing_warmup", "timing_steps")},
-        "dataset.num_train": s["dataset"]["num_train"],
-        "dataset.num_frames": s["dataset"]["num_frames"],
+def tsdia_command(s: dict[str, Any], save_dir: Path, quiet: bool, seeded: bool = True) -> list[str]:
+    overrides = {  # whole sections: the example's dataset keys do not fit another dataset target
+        "model": json.dumps({"target": s["model_target"], **s["model"]}),
+        "dataset": json.dumps({"target": s["dataset_target"], **s["dataset"]}),
         "training.batch_size": s["batch_size"],
         "training.max_steps": s["total_steps"],
         "training.checkpoint.interval": s["checkpoint_interval"] or "null",
@@ -123,6 +124,7 @@ def tsdia_command(s: dict[str, Any], save_dir: Path, quiet: bool) -> list[str]:
         "training.logging.wandb": not quiet,
         "training.logging.wandb_mode": "offline",
         "training.logging.progress_bar": not quiet,
+        "training.dataloader.seed_samples": seeded,
         "training.checkpoint.save_dir": str(save_dir),
     }
     rendered = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in overrides.items()]
@@ -146,13 +148,13 @@ def lr_multiplier(s: dict[str, Any]) -> Any:
 def build_common(s: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
     import torch
     from accelerate.utils import set_seed
-    from bench_plugins import TimedTSVAD
 
-    from tsdia.examples.tsvad import build_datasets
+    from tsdia.config.schema import ConfigSource
+    from tsdia.training.components import load_target
 
     set_seed(s["seed"])
-    model = TimedTSVAD(**s["model"])
-    train_set, _ = build_datasets(**s["dataset"])
+    model = load_target(s["model_target"], "model.target", ConfigSource())(**s["model"])
+    train_set, _ = load_target(s["dataset_target"], "dataset.target", ConfigSource())(**s["dataset"])
     loader = torch.utils.data.DataLoader(
         train_set,
         batch_size=s["batch_size"],
@@ -246,7 +248,9 @@ def run_variant(variant: str, s: dict[str, Any], tmp: Path, index: int, threads:
     timing = out_dir / "timing.json"
     env = child_env(tmp, threads, BENCH_TIMING_FILE=str(timing))
     if variant.startswith("tsdia"):
-        cmd = tsdia_command(s, out_dir / "exp", quiet=variant == "tsdia-quiet")
+        cmd = tsdia_command(
+            s, out_dir / "exp", quiet=variant == "tsdia-quiet", seeded=variant != "tsdia-unseeded"
+        )
     else:
         spec = out_dir / "settings.json"
         spec.write_text(json.dumps(s))
