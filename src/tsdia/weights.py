@@ -18,7 +18,7 @@ from torch import nn
 
 from tsdia.config.schema import Config
 from tsdia.errors import CheckpointError
-from tsdia.experiment.weight_files import ZERO_TAG, WeightsLocation, locate_weights
+from tsdia.experiment.weight_files import ZERO_TAG, WeightsLocation, check_init_from, locate_weights
 
 logger = logging.getLogger(__name__)
 
@@ -121,19 +121,21 @@ def _some(names: Sequence[str], limit: int = 8) -> str:
 
 
 def initialize_from(model: nn.Module, config: Config) -> dict[str, Any] | None:
-    """`training.init_from`: load only the weights into `model` (call it before the optimizer is built).
+    """`training.init_from`: load only the weights into `model`, before the experiment directory is made.
 
-    Returns the record of the source for hyperparameters.json, or None when `init_from` is unset.
+    Returns the record of the source for hyperparameters.json, or None when `init_from` is unset or the
+    run will resume (its checkpoint's weights win). Raises `ConfigError`/`CheckpointError` for a bad path
+    or weights that do not fit the model.
     """
     training = config.training
-    if training.init_from is None:
+    location = check_init_from(config)
+    if location is None:
         return None
-    location = locate_weights(training.init_from, "training.init_from")
     load_into(
         model,
         read_weights(location),
         training.init_from_strict,
-        f"training.init_from: {training.init_from}",
+        f"{config.source.where('training.init_from')}: training.init_from: {training.init_from}",
         "Set training.init_from_strict: false to load only the matching keys.",
     )
     logger.info("Initialised the model from %s", location.weights or location.checkpoint)

@@ -18,7 +18,6 @@ from tsdia import cluster as cluster_env
 from tsdia.config.schema import Config, ConfigSource, TrainingConfig
 from tsdia.experiment import checkpoints as store
 from tsdia.experiment.progress import ProgressWriter
-from tsdia.experiment.weight_files import check_init_from
 from tsdia.slurm_commands import requeue_job
 from tsdia.training.artifacts import full_config_dict, hyperparameters, model_summary
 from tsdia.training.attempt import Attempt, decide_on_rank_zero
@@ -110,6 +109,7 @@ class Trainer:
         self._loss_sum = torch.zeros(())  # training loss summed since the last log line (on the device)
         self._loss_count = 0
         self._stop_inspector: StopInspector | None = None  # rank 0 of a Slurm job: asks Slurm why we stop
+        self.init_from: dict[str, Any] | None = None  # where training.init_from's weights came from
 
     @property
     def attempt(self) -> Attempt:
@@ -139,7 +139,8 @@ class Trainer:
     def train(self) -> TrainResult:
         """Run (or resume) the experiment to the end; raises `TsdiaError` subclasses for user mistakes."""
         training = self.config.training
-        check_init_from(self.config)  # a bad path is refused before the experiment directory is made
+        # Before the experiment directory is made: a bad path or mismatched keys leave nothing on disk.
+        self.init_from = initialize_from(self.model, self.config)
         startup = start_distributed(self.config, self.cluster)  # every rank joins, or a clear error in time
         self.accelerator = accelerator = build_accelerator(self.config, self.cluster)
         decision, lock = decide_on_rank_zero(self.config, self.cluster)
@@ -230,7 +231,6 @@ class Trainer:
     def _run(self) -> TrainResult:
         """Prepare model, optimizer and data, write the run's artifacts, restore a checkpoint, then loop."""
         accelerator, attempt, training = self.accelerator, self.attempt, self.config.training
-        init_from = None if attempt.decision.resume_from else initialize_from(self.model, self.config)
         raw_optimizer = build_optimizer(self.model.parameters(), training.optimizer)
         prepared = accelerator.prepare(self.model, raw_optimizer, self.train_dataloader, *self._val_loaders())
         model, optimizer, train_dl = prepared[:3]
@@ -254,7 +254,7 @@ class Trainer:
                 zero_stage=zero_stage,
                 num_parameters=sum(p.numel() for p in self.model.parameters()),
                 code_path=Path(__file__),
-                init_from=init_from,
+                init_from=self.init_from,
             ),
         )
         attempt.write_text_once("model_summary.txt", model_summary(self.model))
