@@ -362,3 +362,39 @@ def test_export_consolidates_zero2_checkpoints(tmp_path: Path) -> None:
         first.name: True,
         final.name: False,
     }
+
+
+def test_submit_refuses_a_bad_init_from(tmp_path: Path) -> None:
+    save_dir = tmp_path / "exp"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tsdia.launch.submit",
+            str(REPO / "configs" / "example.yml"),
+            "--dry-run",
+            f"training.checkpoint.save_dir={save_dir}",
+            f"training.init_from={tmp_path / 'nothing'}",
+        ],
+        cwd=REPO,
+        env=quiet_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert f"training.init_from: {tmp_path / 'nothing'} does not exist" in result.stderr
+    assert not save_dir.exists()
+
+
+def test_import_tsdia_stays_torch_free_until_load_model_is_used() -> None:
+    code = (
+        "import sys, tsdia, tsdia.follow.cli, tsdia.export, tsdia.experiment.weight_files\n"
+        "before = 'torch' in sys.modules\n"
+        "load = tsdia.load_model\n"
+        "print(before, 'torch' in sys.modules, load.__module__)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert result.stdout.split() == ["False", "True", "tsdia.weights"]

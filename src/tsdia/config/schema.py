@@ -74,8 +74,8 @@ class CheckpointConfig:
     )
     keep_best: int | None = option(
         None,
-        "Rotation never deletes the this-many best checkpoints by best_metric (for `tsdia export "
-        "--average-best N`); null: only the best. At most save_total_limit.",
+        "Rotation never deletes the N best checkpoints by best_metric, N being this value (for `tsdia "
+        "export --average-best N`); null: only the best. At most save_total_limit.",
         ge=1,
     )
     async_save: bool = option(
