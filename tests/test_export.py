@@ -315,8 +315,10 @@ def test_keep_best_must_fit_save_total_limit(tmp_path: Path) -> None:
     assert "override 'training.checkpoint.keep_best=3'" in message
 
 
-def test_export_consolidates_zero2_checkpoints(tmp_path: Path) -> None:
-    """Two ranks under ZeRO-2: only the final checkpoint has model.safetensors; the other is consolidated."""
+@pytest.mark.parametrize("stage", [2, 0])
+def test_export_consolidates_zero_checkpoints(tmp_path: Path, stage: int) -> None:
+    """Two ranks under DeepSpeed: only the final checkpoint has model.safetensors; the other is consolidated
+    (ZeRO-2 through DeepSpeed's zero_to_fp32; stage 0, which it cannot read, from the model states)."""
     from tsdia.weights import consolidate_zero
 
     save_dir = tmp_path / "z2"
@@ -332,7 +334,7 @@ def test_export_consolidates_zero2_checkpoints(tmp_path: Path) -> None:
             "training.checkpoint.interval=null",
             "training.logging.wandb=false",
             "training.logging.progress_bar=false",
-            "distributed.deepspeed.zero_stage=2",
+            f"distributed.deepspeed.zero_stage={stage}",
             f"training.checkpoint.save_dir={save_dir}",
         ],
         cwd=REPO,

@@ -38,13 +38,21 @@ def read_weights(location: WeightsLocation, ema: bool = False) -> StateDict:
 
 
 def consolidate_zero(checkpoint: Path) -> StateDict:
-    """Full fp32 weights from a DeepSpeed checkpoint's ZeRO shards (any world size, stages 1-3, on CPU)."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-    logger.info("Consolidating the DeepSpeed ZeRO shards of %s", checkpoint)
+    """Full fp32 weights from a DeepSpeed checkpoint's shards (any world size, ZeRO stage 0-3, on CPU)."""
+    shards = checkpoint / ZERO_TAG
+    logger.info("Consolidating the DeepSpeed shards of %s", checkpoint)
     try:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ZERO_TAG)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+        if not any(shards.glob("*optim_states.pt")):
+            # ZeRO stage 0 partitions nothing: the model states hold the whole module (zero_to_fp32 fails
+            # on them), in the engine's training dtype (bf16 under bf16 mixed precision, else fp32).
+            states = torch.load(shards / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
+            state = states["module"]
+        else:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint), tag=ZERO_TAG)
+    except Exception as err:  # DeepSpeed's reader raises whatever a damaged or foreign layout gives it
+        logger.debug("Consolidating %s failed", checkpoint, exc_info=True)
         raise CheckpointError(
             f"{checkpoint}: cannot consolidate its DeepSpeed shards ({type(err).__name__}: {err})."
         ) from None
