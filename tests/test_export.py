@@ -239,6 +239,26 @@ def test_init_from_an_experiment_starts_from_its_best_weights(source: Path, tmp_
     assert abs(fresh_loss - manifest(best)["metrics"]["val_loss"]) > 0.05
 
 
+def test_init_from_a_final_checkpoint_then_resume_ignores_the_key(source: Path, tmp_path: Path) -> None:
+    final = source / "checkpoint-epoch3-step32"
+    save_dir = tmp_path / "tuned"
+    args = [*FINE_TUNE, f"training.checkpoint.save_dir={save_dir}"]
+    first = run_train(tmp_path, *args, f"training.init_from={final}", "training.max_steps=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    stopped = save_dir / "checkpoint-epoch0-step4"
+    assert manifest(stopped)["metrics"]["val_loss"] == pytest.approx(
+        manifest(final)["metrics"]["val_loss"], rel=1e-6
+    )
+    hyperparameters = (save_dir / "hyperparameters.json").read_bytes()
+    # The resume loads its own checkpoint: init_from is not even looked at (its source may be gone).
+    resumed = run_train(
+        tmp_path, *args, f"training.init_from={tmp_path / 'gone'}", "training.checkpoint.resume=latest"
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming from" in resumed.stdout and (save_dir / "checkpoint-epoch0-step8").is_dir()
+    assert (save_dir / "hyperparameters.json").read_bytes() == hyperparameters
+
+
 def test_init_from_strict_names_the_keys_and_writes_nothing(source: Path, tmp_path: Path) -> None:
     save_dir = tmp_path / "other"
     args = [*FINE_TUNE, f"training.checkpoint.save_dir={save_dir}", f"training.init_from={source}"]
