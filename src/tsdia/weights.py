@@ -38,7 +38,8 @@ def read_weights(location: WeightsLocation, ema: bool = False) -> StateDict:
 
 
 def consolidate_zero(checkpoint: Path) -> StateDict:
-    """Full fp32 weights from a DeepSpeed checkpoint's shards (any world size, ZeRO stage 0-3, on CPU)."""
+    """Whole weights from a DeepSpeed checkpoint's shards (any world size, ZeRO stage 0-3, on the CPU):
+    the fp32 master weights for stages 1-3, the module's own for stage 0."""
     shards = checkpoint / ZERO_TAG
     logger.info("Consolidating the DeepSpeed shards of %s", checkpoint)
     try:
