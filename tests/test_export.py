@@ -386,8 +386,12 @@ def test_export_consolidates_zero_checkpoints(tmp_path: Path, stage: int) -> Non
     }
 
 
-def test_submit_refuses_a_bad_init_from(tmp_path: Path) -> None:
-    save_dir = tmp_path / "exp"
+@pytest.mark.parametrize("sweep", [False, True], ids=["one", "sweep"])
+def test_submit_refuses_a_bad_init_from(tmp_path: Path, sweep: bool) -> None:
+    save_dir, good = tmp_path / "exp", tmp_path / "weights.safetensors"
+    save_file({"w": torch.zeros(1)}, str(good))
+    bad = f"training.init_from={tmp_path / 'nothing'}"
+    how = ["--sweep", f"training.init_from={good},{tmp_path / 'nothing'}"] if sweep else [bad]
     result = subprocess.run(
         [
             sys.executable,
@@ -396,7 +400,7 @@ def test_submit_refuses_a_bad_init_from(tmp_path: Path) -> None:
             str(REPO / "configs" / "example.yml"),
             "--dry-run",
             f"training.checkpoint.save_dir={save_dir}",
-            f"training.init_from={tmp_path / 'nothing'}",
+            *how,
         ],
         cwd=REPO,
         env=quiet_env(tmp_path),
@@ -404,9 +408,19 @@ def test_submit_refuses_a_bad_init_from(tmp_path: Path) -> None:
         text=True,
         timeout=60,
     )
-    assert result.returncode == 2
+    assert result.returncode == 2, result.stderr
     assert f"training.init_from: {tmp_path / 'nothing'} does not exist" in result.stderr
+    assert ("sweep member 1" in result.stderr) is sweep
     assert not save_dir.exists()
+
+
+def test_export_never_writes_into_an_existing_directory(source: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    result = tsdia_cli(tmp_path, "export", str(source), "-o", str(out))
+    assert result.returncode == 2 and "it exists" in result.stderr
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
 
 
 def test_import_tsdia_stays_torch_free_until_load_model_is_used() -> None:
