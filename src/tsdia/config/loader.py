@@ -110,10 +110,25 @@ def config_from_dict(raw: dict[str, Any], source: ConfigSource) -> Config:
             errors.append(f"{where}: training.optimizer.betas: expected two values in [0, 1), got {betas}.")
         errors.extend(_dataloader_errors(config, source))
         errors.extend(_schedule_errors(config, source))
+        errors.extend(_keep_best_errors(config, source))
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     config.source = source
     return config
+
+
+def _keep_best_errors(config: Config, source: ConfigSource) -> list[str]:
+    """`keep_best` checkpoints must fit within `save_total_limit`, or rotation could not keep them all."""
+    checkpoint = config.training.checkpoint
+    keep, limit = checkpoint.keep_best, checkpoint.save_total_limit
+    if keep is None or limit is None or keep <= limit:
+        return []
+    key_path = "training.checkpoint.keep_best"
+    return [
+        f"{source.where(key_path)}: {key_path}: {keep} is more than training.checkpoint.save_total_limit "
+        f"({limit}), which would have to delete some of them; raise save_total_limit to at least {keep} "
+        "or lower keep_best."
+    ]
 
 
 def _dataloader_errors(config: Config, source: ConfigSource) -> list[str]:

@@ -110,6 +110,12 @@ class CheckpointConfig:
     save_on_validation: bool = option(
         True, "Also save a checkpoint after each validation, so it can be best."
     )
+    keep_best: int | None = option(
+        None,
+        "Rotation never deletes the N best checkpoints by best_metric, N being this value (for `tsdia "
+        "export --average-best N`); null: only the best. At most save_total_limit.",
+        ge=1,
+    )
     async_save: bool = option(
         False,
         "Interval checkpoints: training waits only for a copy of the state into host buffers (one host "
@@ -223,6 +229,16 @@ class TrainingConfig:
     seed: int = option(42, "Seed for weights, data order and every random number generator.", ge=0)
     max_grad_norm: float | None = option(1.0, "Clip gradients to this global norm (null: no clipping).", gt=0)
     num_workers: int = option(0, "DataLoader worker processes per rank.", ge=0)
+    init_from: str | None = option(
+        None,
+        "Start a new experiment from these weights only (fresh optimizer and schedule, step 0): a checkpoint "
+        "directory, an experiment directory (its best_checkpoint), a `tsdia export` directory or a "
+        ".safetensors file. Unused when the run resumes.",
+    )
+    init_from_strict: bool = option(
+        True,
+        "Refuse init_from weights whose keys do not match the model's exactly (false: load the common ones).",
+    )
     dataloader: DataLoaderConfig = section(
         DataLoaderConfig, "DataLoader options (workers, pinning, batches)."
     )

@@ -110,6 +110,23 @@ def best_checkpoint(
     return best
 
 
+def best_checkpoints(
+    checkpoints: Iterable[tuple[Path, Manifest]], metric: str, mode: str, count: int
+) -> list[tuple[Path, Manifest]]:
+    """The `count` checkpoints with the best recorded `metric`, best first (ties: the earlier one).
+
+    Checkpoints without a finite value of `metric` are left out, so fewer than `count` may come back.
+    """
+    scored = [
+        (path, manifest)
+        for path, manifest in checkpoints
+        if (value := manifest.metrics.get(metric)) is not None and math.isfinite(value)
+    ]
+    scored.sort(key=lambda item: (item[1].step, item[1].epoch))  # the earlier one first among ties
+    sign = 1.0 if mode == "min" else -1.0
+    return sorted(scored, key=lambda item: sign * item[1].metrics[metric])[:count]
+
+
 def clean_staging(save_dir: str | os.PathLike[str]) -> list[str]:
     """Remove checkpoint writes and deletions that a crash interrupted. Returns what was removed."""
     store = Path(save_dir) / STORE_DIR
@@ -182,11 +199,12 @@ def update_best_and_rotate(
     mode: str,
     save_total_limit: int | None,
     protected: Iterable[Path] = (),
+    keep_best: int | None = None,
 ) -> Path | None:
     """Point `best_checkpoint` at the best complete checkpoint, then delete the oldest beyond the limit.
 
-    Never deletes the best, the newest, or anything in `protected` (e.g. the checkpoint a run resumed from).
-    Runs after a new checkpoint is complete, so a crash here loses nothing.
+    Never deletes the `keep_best` best (default 1), the newest, or anything in `protected` (e.g. the
+    checkpoint a run resumed from). Runs after a new checkpoint is complete, so a crash here loses nothing.
     """
     root = Path(save_dir)
     checkpoints = complete_checkpoints(root)
@@ -196,8 +214,7 @@ def update_best_and_rotate(
     if save_total_limit is not None and len(checkpoints) > save_total_limit:
         keep = {p.resolve() for p in protected}
         keep.add(checkpoints[-1][0].resolve())
-        if best is not None:
-            keep.add(best[0].resolve())
+        keep.update(p.resolve() for p, _ in best_checkpoints(checkpoints, metric, mode, keep_best or 1))
         excess = len(checkpoints) - save_total_limit
         for path, _ in checkpoints:
             if excess <= 0:

@@ -3,6 +3,7 @@
 tsdia status [PATH ...] [--json] [--watch [SECONDS]] [--all]
 tsdia logs DIR [-f] [--rank R] [--attempt N]
 tsdia sync DIR [DIR ...]
+tsdia export EXPERIMENT -o OUT [--average-best N] [--metric M] [--ema] [--dtype fp32|bf16]  (see tsdia.export)
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from tsdia.cli import run_cli
+from tsdia.export import add_export_parser
 
 PROG = "tsdia"
 
@@ -41,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sync = commands.add_parser("sync", help="upload the offline WandB runs of experiments")
     sync.add_argument("directories", nargs="+", help="experiment directories")
+    add_export_parser(commands)
     return parser
 
 
@@ -57,6 +60,10 @@ def run(argv: Sequence[str]) -> int:
         else:
             logs.print_log(root, args.rank, args.attempt)
         return 0
+    if args.command == "export":
+        from tsdia.export import run_export
+
+        return run_export(args, argv)
     from tsdia.follow.sync import sync
 
     uploaded = sync([Path(d) for d in args.directories])

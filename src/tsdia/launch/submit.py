@@ -30,6 +30,7 @@ from tsdia.config.loader import load_config
 from tsdia.config.schema import Config
 from tsdia.errors import TsdiaError
 from tsdia.experiment import claim as claims
+from tsdia.experiment.weight_files import check_init_from
 from tsdia.fileio import atomic_write_text
 from tsdia.launch import container, sbatch
 from tsdia.launch.job import TrainJob
@@ -106,6 +107,7 @@ def run(argv: Sequence[str]) -> int:
 
         return run_sweep(args, list(argv), cwd)
     config = load_config(args.config, args.overrides)
+    check_init_from(config)
     res = resolve(config)
     if args.emit_sbatch:
         kind = args.emit_sbatch

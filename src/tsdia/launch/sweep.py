@@ -30,6 +30,7 @@ from tsdia.errors import CheckpointDirectoryExistsError, ConfigError, Experiment
 from tsdia.experiment import claim as claims
 from tsdia.experiment.layout import SWEEP_FILE
 from tsdia.experiment.progress import read_progress
+from tsdia.experiment.weight_files import check_init_from
 from tsdia.fileio import atomic_write_text
 from tsdia.launch.resources import SlurmResources, resolve
 from tsdia.slurm_commands import ACTIVE_STATES, Runner, _run, query_jobs
@@ -223,6 +224,7 @@ def prepare(
         try:
             config = template.with_overrides(own)
             res = resolve(config)
+            check_init_from(config)
         except ConfigError as err:
             raise ConfigError(f"sweep member {member.index} ({member.name}): {err}") from None
         prepared.append(Prepared(member, config, res, member_overrides))

@@ -66,6 +66,7 @@ def hyperparameters(
     zero_stage: int | None,
     num_parameters: int,
     code_path: str | Path,
+    init_from: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """What a reader needs to compare runs: the effective numbers, not only what was typed."""
     training = config.training
@@ -94,6 +95,7 @@ def hyperparameters(
             for name in ("tsdia", "torch", "accelerate", "deepspeed", "wandb", "submitit")
         },
         "git_commit": git_commit(code_path),
+        "init_from": init_from,  # training.init_from: the source's path, checkpoint and manifest
     }
 
 

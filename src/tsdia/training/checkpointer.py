@@ -181,6 +181,7 @@ class Checkpointer:
                     self.config.best_mode,
                     self.config.save_total_limit,
                     self.protected,
+                    self.config.keep_best,
                 )
             except OSError as err:
                 errors = [_describe(err)]

@@ -30,6 +30,7 @@ from tsdia.training.rendezvous import start_distributed
 from tsdia.training.trackers import Trackers
 from tsdia.training.validation import validation_metrics
 from tsdia.training.watchdog import HangWatchdog, clear_old_attempts, watch_attempt
+from tsdia.weights import initialize_from
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ class Trainer:
         self._loss_sum = torch.zeros(())  # training loss summed since the last log line (on the device)
         self._loss_count = 0
         self._stop_flow: StopFlow | None = None
+        self.init_from: dict[str, Any] | None = None  # where training.init_from's weights came from
 
     @property
     def attempt(self) -> Attempt:
@@ -137,8 +139,10 @@ class Trainer:
     def train(self) -> TrainResult:
         """Run (or resume) the experiment to the end; raises `TsdiaError` subclasses for user mistakes."""
         training = self.config.training
-        # A bad optimizer or schedule target stops every rank (exit 2) before anything is written.
+        # Before the experiment directory is made: a bad optimizer or schedule target, a bad init_from path
+        # or mismatched keys stop every rank (exit 2) with nothing on disk.
         check_optim(training, self.config.source, len(self.train_dataloader))
+        self.init_from = initialize_from(self.model, self.config)
         startup = start_distributed(self.config, self.cluster)  # every rank joins, or a clear error in time
         self.accelerator = accelerator = build_accelerator(self.config, self.cluster)
         decision, lock = decide_on_rank_zero(self.config, self.cluster)
@@ -216,6 +220,7 @@ class Trainer:
                 zero_stage=zero_stage,
                 num_parameters=sum(p.numel() for p in self.model.parameters()),
                 code_path=Path(__file__),
+                init_from=self.init_from,
             ),
         )
         attempt.write_text_once("model_summary.txt", model_summary(self.model))
