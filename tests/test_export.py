@@ -231,6 +231,8 @@ def test_init_from_an_experiment_starts_from_its_best_weights(source: Path, tmp_
     record = json.loads((save_dir / "hyperparameters.json").read_text())["init_from"]
     assert record["path"] == str(source) and record["checkpoint"] == str(best)
     assert record["manifest"]["step"] == manifest(best)["step"] and record["strict"] is True
+    log = next((save_dir / "logs").glob("training_*.log")).read_text()
+    assert f"Initialised the model from {best / 'model.safetensors'} (training.init_from)" in log
 
     # The same run without init_from starts from fresh weights, far from the source's loss.
     fresh = tmp_path / "fresh"

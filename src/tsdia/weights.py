@@ -147,7 +147,6 @@ def initialize_from(model: nn.Module, config: Config) -> dict[str, Any] | None:
         f"{config.source.where('training.init_from')}: training.init_from: {training.init_from}",
         "Set training.init_from_strict: false to load only the matching keys.",
     )
-    logger.info("Initialised the model from %s", location.weights or location.checkpoint)
     return {**location.describe(), "strict": training.init_from_strict}
 
 

@@ -239,6 +239,9 @@ class Trainer:
                 self.progress.epoch,
                 self.progress.batches_in_epoch,
             )
+        elif self.init_from is not None:
+            source = self.init_from["weights"] or self.init_from["checkpoint"]
+            logger.info("Initialised the model from %s (training.init_from)", source)
         self.start_step = self.progress.global_step
         self.trackers = attempt.start_trackers(full_config_dict(self.config), self.progress.global_step)
         if self.cluster.is_main:
