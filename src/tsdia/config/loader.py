@@ -13,6 +13,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from tsdia.config.metric_checks import metric_errors
 from tsdia.config.schema import ComponentConfig, Config, ConfigSource
 from tsdia.config.yaml_source import parse_yaml, read_config_text
 from tsdia.errors import ConfigError
@@ -109,6 +110,7 @@ def config_from_dict(raw: dict[str, Any], source: ConfigSource) -> Config:
             where = source.where("training.optimizer.betas")
             errors.append(f"{where}: training.optimizer.betas: expected two values in [0, 1), got {betas}.")
         errors.extend(_dataloader_errors(config, source))
+        errors.extend(metric_errors(config, source))
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     config.source = source
@@ -296,6 +298,8 @@ def _check_range(value: Any, meta: typing.Mapping[str, Any]) -> None:
         raise ValueError(f"got {value!r}; must be at least {meta['ge']}.")
     if "le" in meta and not value <= meta["le"]:
         raise ValueError(f"got {value!r}; must be at most {meta['le']}.")
+    if "lt" in meta and not value < meta["lt"]:
+        raise ValueError(f"got {value!r}; must be less than {meta['lt']}.")
 
 
 def _yaml_type(value: Any) -> str:
