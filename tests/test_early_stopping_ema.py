@@ -15,6 +15,7 @@ from conftest import EXAMPLE, SMALL, quiet_env, run_train, with_plugins
 from tsdia.config import load_config
 from tsdia.config.schema import ConfigSource, EarlyStoppingConfig
 from tsdia.errors import EXIT_STOPPED, ConfigError
+from tsdia.follow import status
 from tsdia.training.early_stopping import EarlyStopping
 from tsdia.training.ema import EMA, EMA_FILE
 
@@ -41,6 +42,10 @@ EMA_ARGS = [
     "training.checkpoint.save_total_limit=null",
     "training.checkpoint.async_save=true",  # the EMA's host copy goes through the background writer too
 ]
+
+
+def no_slurm(cmd: list[str]) -> str | None:
+    raise AssertionError(f"Slurm was asked ({cmd}) although the experiment has no job")
 
 
 def plugin_env(tmp_path: Path) -> dict[str, str]:
@@ -102,6 +107,8 @@ def test_early_stopping_stops_at_the_same_step_after_a_stop_and_resume(tmp_path:
     attempts = json.loads((full / "checkpoints" / "attempts.json").read_text())
     assert attempts[-1]["end"] == "completed" and attempts[-1]["reason"].startswith(reason)
     assert json.loads((full / "logs" / "progress.json").read_text())["state"] == "finished"
+    (row,) = status.collect([str(full)], run=no_slurm)
+    assert row.state == "COMPLETED" and row.detail.startswith(reason)
 
     stopped = run_train(
         tmp_path,
@@ -248,6 +255,29 @@ def test_ema_resumes_exactly_and_validates_on_both(tmp_path: Path) -> None:
     )
     assert index["best"] == min(validated, key=lambda name: validated[name]["val_ema_loss"])
     assert (full / "best_checkpoint").resolve().name == index["best"]
+
+
+@pytest.mark.slow
+def test_ema_under_zero2_resumes_exactly(tmp_path: Path) -> None:
+    """ZeRO-2 (2 ranks, DeepSpeed on CPU) keeps full parameters on every rank: the EMA works and resumes."""
+    from test_distributed import exact_resume
+
+    full, part = exact_resume(
+        tmp_path,
+        "distributed.deepspeed.zero_stage=2",
+        "training.ema.decay=0.8",
+        "training.checkpoint.save_total_limit=null",
+        "training.checkpoint.interval=3",
+    )
+    final = "checkpoint-epoch1-step16"
+    for file in ("model.safetensors", EMA_FILE):
+        assert_same_tensors(load_file(str(full / final / file)), load_file(str(part / final / file)))
+    assert_same_tensors(
+        load_file(str(full / "checkpoint-epoch0-step3" / EMA_FILE)),
+        load_file(str(part / "checkpoint-epoch0-step3" / EMA_FILE)),
+    )
+    index = json.loads((full / "checkpoints" / "index.json").read_text())
+    assert "val_ema_loss" in index["checkpoints"][-1]["metrics"]
 
 
 # --- bad input ------------------------------------------------------------------------------------------
