@@ -16,8 +16,8 @@ from tsdia.config import load_config
 from tsdia.config.schema import ConfigSource, EarlyStoppingConfig
 from tsdia.errors import EXIT_STOPPED, ConfigError
 from tsdia.follow import status
-from tsdia.training.early_stopping import EarlyStopping
-from tsdia.training.ema import EMA, EMA_FILE
+from tsdia.training.early_stopping import EarlyStopping, build_early_stopping
+from tsdia.training.ema import EMA, EMA_FILE, build_ema
 
 QUIET = [
     *SMALL,
@@ -319,6 +319,19 @@ def test_bad_input_names_the_key(overrides: list[str], expected: str) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(str(EXAMPLE), ["training.checkpoint.save_dir=x", *overrides])
     assert expected in str(caught.value)
+
+
+def test_run_time_refusals_name_the_key() -> None:
+    """What the loader cannot see: ZeRO-3 set in a DeepSpeed JSON file; a run without validation data."""
+    config = load_config(str(EXAMPLE), ["training.checkpoint.save_dir=x", "training.ema.decay=0.9"])
+    with pytest.raises(ConfigError, match=r"training.ema.decay: .* sets ZeRO stage 3"):
+        build_ema(config, nn.Linear(2, 2), zero_stage=3)
+    assert build_ema(config, nn.Linear(2, 2), zero_stage=2) is not None
+    config = load_config(
+        str(EXAMPLE), ["training.checkpoint.save_dir=x", "training.early_stopping.metric=val_loss"]
+    )
+    with pytest.raises(ConfigError, match=r"training.early_stopping.metric: .* no validation data"):
+        build_early_stopping(config, has_validation=False)
 
 
 def test_bad_decay_exits_2_and_writes_nothing(tmp_path: Path) -> None:
