@@ -45,9 +45,10 @@ class EarlyStopping:
     def update(self, metrics: dict[str, float], step: int) -> bool:
         """Record the validation at `step`; True when training should stop now."""
         if self.metric not in metrics:
-            # Only checkable here: a model's metric names are known once it has validated (the config
-            # loader has already checked the name's shape). The experiment directory exists by now; the
-            # error is the run's normal ConfigError (exit 2), recorded in its log.
+            # Checked here, at the first validation, with the experiment directory already made: a model's
+            # metric names are known only once it has run, and a probe forward pass before the directory
+            # exists would draw from the validation loader and the RNGs that exact resume replays (the
+            # loader has checked the name's shape before anything was created). Exit 2, in the run's log.
             raise ConfigError(
                 f"{self.source.where(KEY)}: {KEY}: {self.metric!r} is not among this run's validation metrics "
                 f"({', '.join(sorted(metrics)) or 'none'}); name one of them."
