@@ -14,10 +14,11 @@ from torch import nn
 from conftest import EXAMPLE, SMALL, quiet_env, run_train, with_plugins
 from tsdia.config import load_config
 from tsdia.config.schema import ConfigSource, EarlyStoppingConfig
-from tsdia.errors import EXIT_STOPPED, ConfigError
+from tsdia.errors import EXIT_STOPPED, CheckpointError, ConfigError
 from tsdia.follow import status
-from tsdia.training.early_stopping import EarlyStopping, build_early_stopping
+from tsdia.training.early_stopping import EarlyStopping, EarlyStoppingState, build_early_stopping
 from tsdia.training.ema import EMA, EMA_FILE, build_ema
+from tsdia.training.run_state import Progress, checkpoint_state, restore_state
 
 QUIET = [
     *SMALL,
@@ -212,6 +213,39 @@ def test_ema_updates_swaps_and_restores_exactly() -> None:
     assert_same_tensors(before, model.state_dict())
     with pytest.raises(ValueError, match="decay"):
         EMA(model, decay=1.0)
+
+
+def test_ema_loads_its_file_or_starts_from_the_weights(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = Tied()
+    ema = EMA(model, decay=0.9)
+    saved = {k: v + 1 for k, v in ema.state_dict().items()}
+    save_file(saved, str(tmp_path / EMA_FILE))
+    ema.load_checkpoint(tmp_path)
+    assert_same_tensors(ema.state_dict(), saved)
+    (tmp_path / "old").mkdir()  # a checkpoint saved before training.ema was set
+    ema.load_checkpoint(tmp_path / "old")
+    assert_same_tensors(
+        ema.state_dict(), {k: v.float() for k, v in model.state_dict().items() if k != "out.weight"}
+    )
+    assert f"has no {EMA_FILE}" in caplog.text
+    save_file({"other.weight": torch.zeros(1)}, str(tmp_path / "old" / EMA_FILE))
+    with pytest.raises(CheckpointError, match="does not match the model"):
+        ema.load_checkpoint(tmp_path / "old")
+
+
+def test_checkpoints_without_early_stopping_counters_still_load() -> None:
+    stopping = EarlyStopping(EarlyStoppingConfig(metric="val_loss"), ConfigSource())
+    stopping.update({"val_loss": 1.0}, 8)
+    old = {"global_step": 8, "epoch": 1, "batches_in_epoch": 0, "last_val_step": 8}
+    assert restore_state(dict(old), stopping) == Progress(8, 1, 0, 8)
+    assert stopping.state == EarlyStoppingState()  # counted afresh
+    assert restore_state({**old, "early_stopping": {"best": 0.5}}, None) == Progress(8, 1, 0, 8)
+    assert checkpoint_state(Progress(8, 1, 0, 8), None) == old
 
 
 def test_ema_resumes_exactly_and_validates_on_both(tmp_path: Path) -> None:
