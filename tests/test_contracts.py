@@ -4,6 +4,8 @@
   a real submit would write, so it must be the text `SlurmExecutor` itself writes.
 - torch's `SummaryWriter._get_file_writer` (`tsdia.training.trackers.add_summaries`): the hparams summaries land
   in the run's own event file, where TensorBoard's hparams dashboard reads them.
+- torch's `_foreach_lerp_` (`tsdia.training.ema.EMA.after_step`): one fused update of every EMA tensor, the
+  same values as `Tensor.lerp_` on each (torch.optim.swa_utils uses it the same way).
 
 A failure here names the package version and what changed: update the wrapper, then the tested range in
 pyproject.toml.
@@ -128,3 +130,17 @@ def test_tensorboard_hparams_land_in_the_runs_own_event_file(tmp_path: Path) -> 
     if start.hparams["training.lr"].number_value != 0.001:
         broken("torch tensorboard", f"the hparams read back are {dict(start.hparams)}", wrapper)
     assert [s.value for s in events.Scalars("val_loss")] == [0.5]
+
+
+def test_foreach_lerp_equals_lerp_on_each_tensor() -> None:
+    import torch
+
+    torch.manual_seed(0)
+    shadows = [torch.randn(3, 5), torch.randn(7)]
+    weights = [torch.randn(3, 5), torch.randn(7)]
+    expected = [s.clone().lerp_(w, 0.1) for s, w in zip(shadows, weights, strict=True)]
+    if not hasattr(torch, "_foreach_lerp_"):
+        broken("torch", "torch._foreach_lerp_ is gone", "EMA.after_step")
+    torch._foreach_lerp_(shadows, weights, 0.1)
+    if not all(s.equal(e) for s, e in zip(shadows, expected, strict=True)):
+        broken("torch", "torch._foreach_lerp_ no longer matches Tensor.lerp_", "EMA.after_step")

@@ -38,7 +38,8 @@ def run(argv: Sequence[str] | None = None) -> int:
             return EXIT_INTERRUPTED
         return EXIT_REQUEUED if result.requeued else EXIT_STOPPED
     if trainer.cluster.is_main:
-        print(f"Done: {result.global_step} steps; experiment in {result.save_dir}")
+        why = f" ({result.stop_reason})" if result.stop_reason else ""
+        print(f"Done: {result.global_step} steps{why}; experiment in {result.save_dir}")
     return 0
 
 

@@ -13,6 +13,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from tsdia.config.metric_checks import metric_errors
 from tsdia.config.schema import ComponentConfig, Config, ConfigSource, OptimizerConfig, SchedulerConfig
 from tsdia.config.yaml_source import parse_yaml, read_config_text
 from tsdia.errors import ConfigError
@@ -111,6 +112,7 @@ def config_from_dict(raw: dict[str, Any], source: ConfigSource) -> Config:
         errors.extend(_dataloader_errors(config, source))
         errors.extend(_schedule_errors(config, source))
         errors.extend(_keep_best_errors(config, source))
+        errors.extend(metric_errors(config, source))
     if errors:
         raise ConfigError("invalid config:\n  " + "\n  ".join(errors))
     config.source = source
@@ -373,6 +375,8 @@ def _check_range(value: Any, meta: typing.Mapping[str, Any]) -> None:
         raise ValueError(f"got {value!r}; must be at least {meta['ge']}.")
     if "le" in meta and not value <= meta["le"]:
         raise ValueError(f"got {value!r}; must be at most {meta['le']}.")
+    if "lt" in meta and not value < meta["lt"]:
+        raise ValueError(f"got {value!r}; must be less than {meta['lt']}.")
 
 
 def _yaml_type(value: Any) -> str:

@@ -1,7 +1,7 @@
 """The typed configuration schema: one dataclass per YAML section, every field documented here.
 
 Defaults live only in this file. `tsdia.config.loader` turns YAML into these objects and validates
-types and ranges from the field metadata (`ge`, `gt`, `le`, `choices`).
+types and ranges from the field metadata (`ge`, `gt`, `le`, `lt`, `choices`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ EXAMPLE_DATASET = "tsdia.examples.tsvad:build_datasets"
 
 
 def option(default: Any = None, doc: str = "", **checks: Any) -> Any:
-    """A dataclass field with a docstring and range checks (`ge`, `gt`, `le`) kept in its metadata;
+    """A dataclass field with a docstring and range checks (`ge`, `gt`, `le`, `lt`) kept in its metadata;
     `internal=True`: filled by the loader, never a YAML key of its own."""
     meta = {"doc": doc, **checks}
     if isinstance(default, (list, dict)):
@@ -218,6 +218,40 @@ class WatchdogConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    metric: str | None = option(
+        None,
+        "Validation metric watched at each validation (val_<name>, or val_ema_<name> with training.ema); "
+        "null: no early stopping.",
+    )
+    mode: Literal["min", "max"] = option("min", "Whether a lower (min) or higher (max) metric is better.")
+    patience: int = option(
+        3, "Stop after this many validations in a row without an improvement of at least min_delta.", gt=0
+    )
+    min_delta: float = option(0.0, "The smallest change that counts as an improvement.", ge=0)
+
+
+@dataclass
+class EmaConfig:
+    decay: float | None = option(
+        None,
+        "Keep an exponential moving average of the weights: ema = decay * ema + (1 - decay) * weights, in "
+        "fp32 (one more fp32 copy of the parameters per rank). Must be in (0, 1); null: no EMA.",
+        gt=0,
+        lt=1,
+    )
+    start_step: int = option(
+        0,
+        "Until this optimizer step the EMA copies the weights; it averages them from the next update on.",
+        ge=0,
+    )
+    every: int = option(1, "Update the EMA every this many optimizer steps.", gt=0)
+    validate_on: Literal["ema", "raw", "both"] = option(
+        "both", "Validate on the EMA weights (metrics val_ema_<name>), the raw weights (val_<name>), or both."
+    )
+
+
+@dataclass
 class TrainingConfig:
     epochs: int = option(10, "Number of epochs; the learning-rate schedule is defined over them.", gt=0)
     max_steps: int | None = option(
@@ -249,6 +283,10 @@ class TrainingConfig:
     validation: ValidationConfig = section(ValidationConfig, "Validation schedule.")
     preemption: PreemptionConfig = section(PreemptionConfig, "Stopping cleanly on a signal (then requeue).")
     watchdog: WatchdogConfig = section(WatchdogConfig, "Detecting a hung run (no step progress).")
+    early_stopping: EarlyStoppingConfig = section(
+        EarlyStoppingConfig, "Stop when a validation metric stops improving (a normal end)."
+    )
+    ema: EmaConfig = section(EmaConfig, "An exponential moving average of the weights, saved and validated.")
 
 
 @dataclass

@@ -127,8 +127,8 @@ def _disk_state(e: OnDisk) -> tuple[str, str]:
             "no stop was recorded (killed, or its node died); resume with training.checkpoint.resume=latest",
         )
     if record is not None:
-        if record.end == "completed":
-            return "COMPLETED", ""
+        if record.end == "completed":  # the reason says why when it ended early (early stopping)
+            return "COMPLETED", "" if record.reason == "completed" else record.reason
         if record.failed:
             return (
                 "HUNG" if record.end == "hang" else "CRASHED"

@@ -190,9 +190,15 @@ def requeue_before_saving(
 
 
 def record_completed(
-    save_dir: Path, cluster: ClusterEnvironment, resume_index: int, start_step: int, stop_step: int
+    save_dir: Path,
+    cluster: ClusterEnvironment,
+    resume_index: int,
+    start_step: int,
+    stop_step: int,
+    reason: str = "completed",
 ) -> None:
-    """The attempt that finished training: its record closes the history (rank 0)."""
+    """The attempt that finished training: its record closes the history (rank 0). `reason` says why it
+    ended before the planned end when it did (early stopping); `end` is "completed" either way."""
     record_attempt(
         save_dir,
         AttemptRecord(
@@ -201,7 +207,7 @@ def record_completed(
             restart_count=cluster.restart_count,
             start_step=start_step,
             stop_step=stop_step,
-            reason="completed",
+            reason=reason,
             time=time.strftime("%Y-%m-%dT%H:%M:%S"),
             end="completed",
             nodes=list(cluster.nodes),
@@ -319,9 +325,9 @@ class StopFlow:
             failure=failure,
         )
 
-    def record_completed(self, start_step: int, stop_step: int) -> None:
+    def record_completed(self, start_step: int, stop_step: int, reason: str = "completed") -> None:
         if self.cluster.is_main:
-            record_completed(self.save_dir, self.cluster, self.resume_index, start_step, stop_step)
+            record_completed(self.save_dir, self.cluster, self.resume_index, start_step, stop_step, reason)
 
     def requeue(self, plan: StopPlan) -> None:
         """Rank 0 puts the job back in the queue when the plan says so (and excludes suspect nodes)."""

@@ -10,6 +10,8 @@ and fsyncs them, touching no device. At most one write is in flight; it is commi
 best, rotation) at the next save or at the end, after a bounded wait for the writer
 (`checkpoint.async_timeout_s`): a writer that hangs is a `CheckpointError`, not a hung trainer.
 DeepSpeed engines save synchronously (their `save_checkpoint` is collective and writes from the device).
+With an EMA of the weights (`training.ema`), rank 0 adds `ema.safetensors` to every checkpoint (its host
+copy is taken with the others in the async path) and `load` restores it.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tsdia.config.schema import CheckpointConfig
 from tsdia.errors import CheckpointError
 from tsdia.experiment import checkpoints as store
 from tsdia.training.distributed import barrier, broadcast_object
+from tsdia.training.ema import EMA, EMA_FILE
 from tsdia.training.host_snapshot import HostBuffers, supported, take_snapshot, write_snapshot
 
 logger = logging.getLogger(__name__)
@@ -57,8 +60,10 @@ class Checkpointer:
         config: CheckpointConfig,
         deepspeed: bool,
         resume_from: str | None,
+        ema: EMA | None = None,
     ) -> None:
         self.accelerator = accelerator
+        self.ema = ema
         self.save_dir = save_dir
         self.config = config
         self.deepspeed = deepspeed
@@ -121,6 +126,10 @@ class Checkpointer:
     def _write_files(self, model: Any, staging: Path, final: bool) -> str | None:
         try:
             self.accelerator.save_state(str(staging), safe_serialization=True)
+            if self.ema is not None and self.accelerator.is_main_process:
+                from safetensors.torch import save_file
+
+                save_file(self.ema.state_dict(), str(staging / EMA_FILE), metadata={"format": "pt"})
             if final and self.deepspeed:
                 self._save_consolidated_weights(model, staging)
         except Exception as err:  # serialisers wrap I/O errors in their own types (SafetensorError, ...)
@@ -132,7 +141,8 @@ class Checkpointer:
     def _start_writer(self, write: _Write) -> None:
         """Copy the state to host buffers here, then serialise and fsync it on a writer thread."""
         try:
-            files = take_snapshot(self.accelerator, self.buffers, write.staging)
+            extra = {EMA_FILE: self.ema.state_dict()} if self.ema is not None else {}
+            files = take_snapshot(self.accelerator, self.buffers, write.staging, extra)
         except Exception as err:  # e.g. no host memory for the buffers: reported like a failed write
             write.error = _describe(err)
             return
@@ -218,8 +228,10 @@ class Checkpointer:
             save_file({k: v.contiguous() for k, v in state.items()}, str(directory / "model.safetensors"))
 
     def load(self, checkpoint: str) -> dict[str, Any]:
-        """Restore model, optimizer, scheduler and RNG states; return the trainer's counters."""
+        """Restore model, optimizer, scheduler, RNG states (and the EMA); return the trainer's counters."""
         self.accelerator.load_state(checkpoint)
+        if self.ema is not None:
+            self.ema.load_checkpoint(Path(checkpoint))
         state: dict[str, Any] = json.loads((Path(checkpoint) / store.TRAINER_STATE).read_text())
         return state
 

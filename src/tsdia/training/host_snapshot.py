@@ -72,9 +72,15 @@ class HostBuffers:
         return copy.deepcopy(obj)
 
 
-def take_snapshot(accelerator: Any, buffers: HostBuffers, directory: Path) -> list[SnapshotFile]:
+def take_snapshot(
+    accelerator: Any,
+    buffers: HostBuffers,
+    directory: Path,
+    extra: dict[str, dict[str, torch.Tensor]] | None = None,
+) -> list[SnapshotFile]:
     """On the training thread: the files `accelerator.save_state(directory, safe_serialization=True)`
-    would write on this rank, with their tensors copied into `buffers`. Blocks until the copies are done."""
+    would write on this rank, with their tensors copied into `buffers`, plus the `extra` safetensors files
+    (file name -> flat tensor dict, written by the main process: the EMA). Blocks until the copies are done."""
     from accelerate.utils import (
         OPTIMIZER_NAME,
         RNG_STATE_NAME,
@@ -122,6 +128,8 @@ def take_snapshot(accelerator: Any, buffers: HostBuffers, directory: Path) -> li
     if main:
         for i, obj in enumerate(accelerator._custom_objects):
             files.append(SnapshotFile(f"custom_checkpoint_{i}.pkl", "bytes", _pickled(obj.state_dict())))
+    for name, state in (extra or {}).items() if main else ():
+        files.append(SnapshotFile(name, "safetensors", buffers.to_host(dict(state), (name,))))
     if buffers.device_copies:
         torch.cuda.synchronize()  # the non-blocking device-to-host copies have landed
     accelerator.project_configuration.iteration += 1  # as save_state does

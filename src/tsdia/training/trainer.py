@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -24,41 +23,19 @@ from tsdia.training.attempt import Attempt, decide_on_rank_zero
 from tsdia.training.checkpointer import Checkpointer
 from tsdia.training.data import shutdown_workers
 from tsdia.training.distributed import barrier, broadcast_object, build_accelerator, deepspeed_config
+from tsdia.training.early_stopping import EarlyStopping, build_early_stopping
+from tsdia.training.ema import EMA, build_ema
 from tsdia.training.optim import build_optimizer, build_scheduler, check_optim
 from tsdia.training.preemption import PreemptionWatcher
 from tsdia.training.rendezvous import start_distributed
+from tsdia.training.run_state import Progress, TrainResult, checkpoint_state, restore_state
+from tsdia.training.step_log import StepLog
 from tsdia.training.trackers import Trackers
-from tsdia.training.validation import validation_metrics
+from tsdia.training.validation import validate
 from tsdia.training.watchdog import HangWatchdog, clear_old_attempts, watch_attempt
 from tsdia.weights import initialize_from
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainResult:
-    """What a finished `Trainer.train()` reports."""
-
-    save_dir: str
-    global_step: int
-    epoch: int
-    last_checkpoint: str | None
-    best_checkpoint: str | None
-    val_metrics: dict[str, float] = field(default_factory=dict)
-    stopped_early: bool = False
-    stop_reason: str | None = None  # the signal that stopped it early (e.g. SIGUSR2)
-    requeued: bool = False  # the Slurm job was put back in the queue and will resume by itself
-    end: str | None = None  # how a stopped attempt ended (attempts.json's `end`, e.g. "interrupted")
-
-
-@dataclass
-class _Progress:
-    """Counters saved in every checkpoint (Accelerate does not store the step)."""
-
-    global_step: int = 0
-    epoch: int = 0
-    batches_in_epoch: int = 0
-    last_val_step: int = -1  # global step of the latest validation
 
 
 class Trainer:
@@ -86,7 +63,7 @@ class Trainer:
         self.train_dataloader = train_dataloader
         self.val_dataloader = val_dataloader
         self.cluster = cluster or cluster_env.detect()
-        self.progress = _Progress()
+        self.progress = Progress()
         self.total_steps = 0
         self.start_step = 0  # the global step this attempt started (or resumed) at
         # Built by train(), in this order; declared here so that the trainer's state has one home.
@@ -100,10 +77,13 @@ class Trainer:
         self.trackers = Trackers()
         self._progress_writer: ProgressWriter | None = None  # rank 0: logs/progress.json for `tsdia status`
         self._watchdog: HangWatchdog | None = None
-        self._loss_sum = torch.zeros(())  # training loss summed since the last log line (on the device)
-        self._loss_count = 0
+        self._step_log: StepLog | None = None  # train_loss and lr every logging.interval steps
         self._stop_flow: StopFlow | None = None
         self.init_from: dict[str, Any] | None = None  # where training.init_from's weights came from
+        self.ema: EMA | None = None  # training.ema: fp32 moving average of the weights
+        self.early_stopping: EarlyStopping | None = build_early_stopping(
+            self.config, val_dataloader is not None
+        )
 
     @property
     def attempt(self) -> Attempt:
@@ -172,7 +152,9 @@ class Trainer:
                 plan = StopPlan(**broadcast_object(asdict(local_plan)))
                 result.stop_reason, result.requeued, result.end = watcher.stop_signal, plan.requeue, plan.end
             else:
-                stop_flow.record_completed(self.start_step, result.global_step)
+                stop_flow.record_completed(
+                    self.start_step, result.global_step, result.stop_reason or "completed"
+                )
         except BaseException as err:
             crashed = True
             attempt.record_crash()
@@ -210,6 +192,7 @@ class Trainer:
         self.prepared_model, self.optimizer, self.scheduler = model, optimizer, scheduler
 
         zero_stage = self._zero_stage()
+        self.ema = build_ema(self.config, accelerator.unwrap_model(model), zero_stage)
         attempt.write_json_once(
             "hyperparameters.json",
             hyperparameters(
@@ -230,9 +213,12 @@ class Trainer:
             training.checkpoint,
             zero_stage is not None,
             attempt.decision.resume_from,
+            self.ema,
         )
         if attempt.decision.resume_from:
-            self.progress = _Progress(**self.checkpointer.load(attempt.decision.resume_from))
+            self.progress = restore_state(
+                self.checkpointer.load(attempt.decision.resume_from), self.early_stopping
+            )
             logger.info(
                 "Resumed at step %d (epoch %d, batch %d)",
                 self.progress.global_step,
@@ -283,11 +269,14 @@ class Trainer:
             desc="train",
             dynamic_ncols=True,
         )
-        self._loss_sum = torch.zeros((), device=accelerator.device)
-        self._loss_count = 0
+        self._step_log = StepLog(accelerator, training.logging.interval, total_steps, self._log, bar)
         stopped_early = False
         model.train()
-        while progress.epoch < training.epochs and progress.global_step < total_steps:
+        while (
+            not self._early_stopped()
+            and progress.epoch < training.epochs
+            and progress.global_step < total_steps
+        ):
             epoch = progress.epoch
             if progress.batches_in_epoch < len(train_dl):  # (a resume may land exactly at an epoch's end)
                 stopped_early = self._train_epoch(model, optimizer, train_dl, scheduler, bar, total_steps)
@@ -295,6 +284,8 @@ class Trainer:
                     break
             if progress.batches_in_epoch >= len(train_dl):
                 val_metrics = self._end_epoch(val_dl, epoch) or val_metrics
+                if self._validates_at(epoch) and self._early_stop_after(val_metrics):
+                    break  # the final checkpoint below is this validation's checkpoint
                 if self._validates_at(epoch) and checkpoint_cfg.save_on_validation:
                     self.save_checkpoint(val_metrics)
         bar.close()
@@ -319,6 +310,7 @@ class Trainer:
             best_checkpoint=str(best.resolve()) if best.is_symlink() else None,
             val_metrics=val_metrics,
             stopped_early=stopped_early,
+            stop_reason=self._early_stop_reason(),
         )
 
     def _train_epoch(
@@ -332,7 +324,8 @@ class Trainer:
         batches = train_dl
         if progress.batches_in_epoch:
             batches = accelerator.skip_first_batches(train_dl, progress.batches_in_epoch)
-        window_loss = torch.zeros((), device=accelerator.device)  # over one optimizer step's micro-batches
+        step_log = self._step_log
+        assert step_log is not None  # set by _loop
         watchdog = self.watchdog  # phases: which ranks were furthest behind when a run hangs
         watchdog.phase = "data"
         for batch in batches:
@@ -347,28 +340,21 @@ class Trainer:
                 optimizer.step()
                 optimizer.zero_grad()
             progress.batches_in_epoch += 1
-            window_loss += loss.detach()
+            step_log.add(loss)
             if not accelerator.sync_gradients:
                 watchdog.phase = "data"
                 continue
-            micro = (progress.batches_in_epoch - 1) % training.gradient_accumulation_steps + 1
-            self._loss_sum += window_loss / micro
-            self._loss_count += 1
-            window_loss.zero_()
             scheduler.step()
             progress.global_step += 1
+            if self.ema is not None:
+                self.ema.after_step(progress.global_step)
             bar.update(1)
             step = progress.global_step
             watchdog.step_done(step)
             if step == self.start_step + 1:
                 self.attempt.begin_trackers()  # off the critical path: after the first step
-            if step % training.logging.interval == 0 or step == total_steps:
-                mean_loss = accelerator.reduce(self._loss_sum / max(self._loss_count, 1), "mean").item()
-                lr = float(scheduler.get_last_lr()[0])
-                self._log({"train_loss": mean_loss, "lr": lr, "epoch": epoch}, step)
-                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-                self._loss_sum.zero_()
-                self._loss_count = 0
+            micro = (progress.batches_in_epoch - 1) % training.gradient_accumulation_steps + 1
+            step_log.step_done(step, micro, epoch, scheduler)
             epoch_done = progress.batches_in_epoch >= len(train_dl)
             at_interval = checkpoint_cfg.interval is not None and step % checkpoint_cfg.interval == 0
             # At an epoch's end the post-validation checkpoint covers this step.
@@ -412,7 +398,8 @@ class Trainer:
     def _validate_watched(self, val_dl: Any) -> dict[str, float]:
         accelerator = self.accelerator
         limit = self.config.training.validation.max_steps
-        metrics = validation_metrics(self.prepared_model, val_dl, accelerator, limit)
+        ema = self.config.training.ema
+        metrics = validate(self.prepared_model, val_dl, accelerator, limit, self.ema, ema.validate_on)
         step = self.progress.global_step
         self.progress.last_val_step = step
         self._log(metrics, step)
@@ -428,12 +415,27 @@ class Trainer:
         progress = self.progress
         # The epoch it was saved in: after an epoch closes the counter already points at the next one.
         epoch = progress.epoch if progress.batches_in_epoch else max(progress.epoch - 1, 0)
-        final = progress.global_step >= self.total_steps  # the end of training, wherever it is saved from
+        # The end of training, wherever it is saved from.
+        final = progress.global_step >= self.total_steps or self._early_stopped()
+        state = checkpoint_state(progress, self.early_stopping)
         with self.watchdog.watching("checkpoint"):
             path = self.checkpointer.save(
-                self.prepared_model, epoch, progress.global_step, metrics, asdict(progress), final
+                self.prepared_model, epoch, progress.global_step, metrics, state, final
             )
         return str(path)
+
+    def _early_stopped(self) -> bool:
+        return self.early_stopping is not None and self.early_stopping.stopped
+
+    def _early_stop_reason(self) -> str | None:
+        return self.early_stopping.reason() if self.early_stopping and self.early_stopping.stopped else None
+
+    def _early_stop_after(self, metrics: dict[str, float]) -> bool:
+        """Count a scheduled validation (collective: every rank has the same reduced metrics)."""
+        if self.early_stopping is None or not self.early_stopping.update(metrics, self.progress.global_step):
+            return False
+        logger.info("Stopping at step %d: %s", self.progress.global_step, self.early_stopping.reason())
+        return True
 
     def _zero_stage(self) -> int | None:
         ds = deepspeed_config(self.config, self.cluster)

@@ -2,9 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
+
+if TYPE_CHECKING:
+    from tsdia.training.ema import EMA
+
+
+def validate(
+    model: Any, val_dl: Any, accelerator: Any, max_steps: int | None, ema: EMA | None, validate_on: str
+) -> dict[str, float]:
+    """The raw weights' metrics (`val_*`) and/or, with an EMA, the EMA weights' (`val_ema_*`)."""
+    metrics: dict[str, float] = {}
+    if ema is None or validate_on in ("raw", "both"):
+        metrics.update(validation_metrics(model, val_dl, accelerator, max_steps))
+    if ema is not None and validate_on in ("ema", "both"):
+        with ema.swapped_in():
+            metrics.update(validation_metrics(model, val_dl, accelerator, max_steps, prefix="val_ema_"))
+    return metrics
 
 
 @torch.no_grad()
