@@ -16,12 +16,15 @@ fresh process with the same pinned thread count (`OMP_NUM_THREADS`, `torch.set_n
 - **lightning**: `lightning.Trainer` with TensorBoardLogger + WandbLogger (offline), a LearningRateMonitor,
   ModelCheckpoint every `--checkpoint-interval` steps, the progress bar and `gradient_clip_val`.
 
-How steady state is measured: the model itself (`bench_plugins.TimedTSVAD`, loaded into every variant)
-reads `time.perf_counter()` at the start of training forward call `warmup + 1` and of call
-`warmup + steps + 1`. That window holds exactly `steps` whole optimizer steps, with their data loading,
-logging and the checkpoints that fall inside it (at the default settings two: steps 50 and 100), and
-excludes start-up (imports, tracker init, the first steps' warm-up) and the end (final validation and
-checkpoint, tracker shutdown). steps/s = steps / window.
+How steady state is measured: the model itself (`bench_plugins.TimedTSVAD`, or `TimedMLP` with
+`--small`, loaded into every variant) reads `time.perf_counter()` at the start of the first training
+forward call after `warmup` steps and `steps` calls later. In the variants that log to WandB the window
+waits until WandB has started: tsdia starts its trackers in a background thread after the first step,
+and importing wandb and `wandb.init` (seconds of CPU) is start-up, which the others pay before their
+first step; every run has `--slack` extra steps for that wait. The window holds exactly `steps` whole
+optimizer steps, with their data loading, logging and the checkpoints that fall inside it (at the
+default settings two), and excludes start-up (imports, tracker init, the first steps' warm-up) and the
+end (final validation and checkpoint, tracker shutdown). steps/s = steps / window.
 
 Runs are interleaved (round r runs every variant once, in an order rotated by r) so a slow spell of
 this shared machine hits every variant alike; the median of each variant's runs is reported. Other
@@ -79,7 +82,9 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
     """Everything the variants share, from configs/example.yml plus the command line."""
     example = example_sections()
     training = example["training"]
-    total = args.warmup + args.steps + 1  # the window's closing timestamp is taken in step total's forward
+    # The window closes in the forward of step (start + steps); it starts after the warm-up, and for variants
+    # with WandB once WandB has started (tsdia starts it in the background): --slack steps leave room.
+    total = args.warmup + args.steps + 1 + args.slack
     if args.small:  # the loop's own per-step costs dominate
         model_target, model = "bench_plugins:TimedMLP", dict(SMALL_MODEL)
         dataset_target = "bench_plugins:tensor_datasets"
@@ -247,6 +252,8 @@ def run_variant(variant: str, s: dict[str, Any], tmp: Path, index: int, threads:
     out_dir.mkdir()
     timing = out_dir / "timing.json"
     env = child_env(tmp, threads, BENCH_TIMING_FILE=str(timing))
+    if variant in ("tsdia", "tsdia-unseeded", "lightning"):  # the variants that log to WandB
+        env["BENCH_WAIT_FOR_WANDB"] = "1"
     if variant.startswith("tsdia"):
         cmd = tsdia_command(
             s, out_dir / "exp", quiet=variant == "tsdia-quiet", seeded=variant != "tsdia-unseeded"
@@ -270,6 +277,12 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="runs of each variant, interleaved")
     parser.add_argument("--warmup", type=int, default=10, help="steps before the timed window")
     parser.add_argument("--steps", type=int, default=100, help="optimizer steps in the timed window")
+    parser.add_argument(
+        "--slack",
+        type=int,
+        help="extra steps in every run, so the window can wait for WandB's start (default: 3000 with --small, "
+        "else 100)",
+    )
     parser.add_argument("--checkpoint-interval", type=int, default=50, help="0: no interval checkpoints")
     parser.add_argument("--log-interval", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch/OMP threads in every variant")
@@ -309,6 +322,8 @@ def main() -> None:
         except ImportError:
             print("lightning is not installed (pip install lightning): measuring without it")
             variants.remove("lightning")
+    if args.slack is None:
+        args.slack = 3000 if args.small else 100
     s = settings(args)
     print(
         f"{args.steps} timed steps after {args.warmup} warm-up steps, batch {s['batch_size']}, "
