@@ -34,6 +34,7 @@ from tsdia.training.preemption import (
     record_completed,
 )
 from tsdia.training.rendezvous import start_distributed
+from tsdia.training.resume_override import apply_override, samples_in_epoch
 from tsdia.training.trackers import Trackers
 from tsdia.training.watchdog import HangWatchdog, clear_old_attempts, watch_attempt
 
@@ -64,6 +65,9 @@ class _Progress:
     epoch: int = 0
     batches_in_epoch: int = 0
     last_val_step: int = -1  # global step of the latest validation
+    # The geometry the state was saved under, so a resume with another one can find its place (-1/0: older).
+    samples_in_epoch: int = -1  # samples of the epoch consumed by all ranks together
+    world_size: int = 0
 
 
 class Trainer:
@@ -262,6 +266,19 @@ class Trainer:
         )
         if attempt.decision.resume_from:
             self.progress = _Progress(**self.checkpointer.load(attempt.decision.resume_from))
+            change = attempt.config_change
+            if change is not None and change.overridden:
+                apply_override(
+                    change,
+                    training,
+                    optimizer,
+                    scheduler,
+                    self.progress,
+                    world_size=accelerator.num_processes,
+                    batches_per_epoch=len(train_dl),
+                    dataset_len=_dataset_len(train_dl),
+                    accelerator=accelerator,
+                )
             logger.info(
                 "Resumed at step %d (epoch %d, batch %d)",
                 self.progress.global_step,
@@ -475,6 +492,13 @@ class Trainer:
         # The epoch it was saved in: after an epoch closes the counter already points at the next one.
         epoch = progress.epoch if progress.batches_in_epoch else max(progress.epoch - 1, 0)
         final = progress.global_step >= self.total_steps  # the end of training, wherever it is saved from
+        progress.world_size = self.accelerator.num_processes
+        progress.samples_in_epoch = samples_in_epoch(
+            progress.batches_in_epoch,
+            self.config.training.batch_size,
+            progress.world_size,
+            _dataset_len(self.train_dataloader),
+        )
         with self.watchdog.watching("checkpoint"):
             path = self.checkpointer.save(
                 self.prepared_model, epoch, progress.global_step, metrics, asdict(progress), final
@@ -484,6 +508,13 @@ class Trainer:
     def _zero_stage(self) -> int | None:
         ds = deepspeed_config(self.config, self.cluster)
         return None if ds is None else int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def _dataset_len(dataloader: Any) -> int | None:
+    try:
+        return len(dataloader.dataset)
+    except (TypeError, AttributeError):  # an IterableDataset without a length
+        return None
 
 
 def _loss_of(output: Any) -> Any:
