@@ -132,6 +132,19 @@ def test_the_newest_recorded_config_is_the_base(tmp_path: Path) -> None:
     assert report is not None and report.changes == []
 
 
+def test_a_record_that_no_longer_validates_is_still_compared(tmp_path: Path) -> None:
+    """A key an older tsdia wrote (since removed) is a change like any other: reported, never skipped."""
+    save_dir = _experiment(tmp_path)
+    text = (save_dir / "config.yml").read_text().replace("  epochs: 4\n", "  epochs: 4\n  old_knob: 7\n")
+    (save_dir / "config.yml").write_text(text)
+    with pytest.raises(ConfigError, match=r"training\.old_knob: 7 -> \(unset\)"):
+        compare_on_resume(load_config(str(EXAMPLE)), save_dir, world_size=1, old_world_size=1)
+    same = load_config(str(EXAMPLE), ["training.logging.interval=5"])
+    (save_dir / "config.yml").write_text(text.replace("  old_knob: 7\n", ""))
+    report = compare_on_resume(same, save_dir, world_size=1, old_world_size=1)
+    assert report is not None and [c.line() for c in report.changes] == ["training.logging.interval: 10 -> 5"]
+
+
 def test_override_sets_the_new_lr_on_the_loaded_state() -> None:
     """After a checkpoint's state is loaded, the config's optimizer values and base lr take over."""
     old = load_config(str(EXAMPLE), ["training.scheduler.warmup_steps=0"]).training

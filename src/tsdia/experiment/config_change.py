@@ -136,7 +136,7 @@ def compare_on_resume(
     if base is None:
         return None
     policy = config.training.checkpoint.resume_policy
-    old = flatten(config_dict(read_recorded_config(base)))
+    old = recorded_values(base)
     new = flatten(config_dict(config))
     changes = [
         Change(
@@ -245,8 +245,12 @@ def latest_recorded_config(root: Path) -> Path | None:
     return path if path.is_file() else None
 
 
-def read_recorded_config(path: Path) -> Config:
-    """A recorded config as a typed `Config` (defaults filled in), or a `ConfigError` naming the file."""
+def recorded_values(path: Path) -> dict[str, Any]:
+    """A recorded config as dotted keys with every default filled in.
+
+    A record an older tsdia wrote may no longer validate (a key since renamed or removed): its keys are
+    then laid over the defaults as they are, so each difference is still reported, never skipped.
+    """
     from tsdia.config.loader import config_from_dict
     from tsdia.config.yaml_source import parse_yaml
 
@@ -255,16 +259,32 @@ def read_recorded_config(path: Path) -> Config:
     raw = parse_yaml(text, str(path), positions=positions)
     if not isinstance(raw, dict):
         raise ConfigError(
-            f"{path}: the experiment's recorded config is not a mapping; cannot compare on resume."
+            f"{path}: the experiment's recorded config is not a mapping, so a changed config cannot be "
+            "detected on resume; restore the file (or start a new experiment)."
         )
-    raw.setdefault("training", {}).setdefault("checkpoint", {}).setdefault("save_dir", str(path.parent))
     try:
-        return config_from_dict(raw, ConfigSource(path=str(path), text=text, raw=raw, positions=positions))
-    except ConfigError as err:
-        raise ConfigError(
-            f"training.checkpoint.resume: the experiment's recorded config {path} no longer loads, so a "
-            f"changed config cannot be detected on resume ({err}). Fix or restore that file."
-        ) from None
+        source = ConfigSource(path=str(path), text=text, raw=raw, positions=positions)
+        return flatten(config_dict(config_from_dict(_with_save_dir(raw, path), source)))
+    except ConfigError:
+        return {**flatten(config_dict(Config())), **flatten(raw)}
+
+
+def _with_save_dir(raw: dict[str, Any], path: Path) -> dict[str, Any]:
+    """`raw` with a save_dir (required to validate; never compared), when it has none."""
+    training = raw.get("training")
+    checkpoint = training.get("checkpoint") if isinstance(training, dict) else None
+    if isinstance(checkpoint, dict) and checkpoint.get("save_dir"):
+        return raw
+    return {
+        **raw,
+        "training": {
+            **(training if isinstance(training, dict) else {}),
+            "checkpoint": {
+                **(checkpoint if isinstance(checkpoint, dict) else {}),
+                "save_dir": str(path.parent),
+            },
+        },
+    }
 
 
 def config_dict(config: Config) -> dict[str, Any]:
