@@ -23,6 +23,7 @@ from tsdia.experiment.config_change import (
     classify,
     compare_on_resume,
     latest_recorded_config,
+    neutral_component_keys,
 )
 from tsdia.training.components import build_scheduler
 from tsdia.training.resume_override import rederive_position, reset_schedule, set_optimizer_hyperparameters
@@ -143,6 +144,28 @@ def test_a_record_that_no_longer_validates_is_still_compared(tmp_path: Path) -> 
     (save_dir / "config.yml").write_text(text.replace("  old_knob: 7\n", ""))
     report = compare_on_resume(same, save_dir, world_size=1, old_world_size=1)
     assert report is not None and [c.line() for c in report.changes] == ["training.logging.interval: 10 -> 5"]
+
+
+def test_a_component_declares_the_kwargs_a_resume_may_change(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`resume_neutral_kwargs` on the model class (test hooks, a moved data root) makes those keys safe."""
+    monkeypatch.syspath_prepend(str(REPO / "tests" / "plugins"))
+    save_dir = _experiment(tmp_path, "model.target=crashy:SlowModel", "model.step_seconds=0.3")
+    resumed = load_config(str(EXAMPLE), ["model.target=crashy:SlowModel", "model.step_seconds=0"])
+    neutral = neutral_component_keys(resumed)
+    assert neutral == {"model.step_seconds", "model.crash_at_call"}
+    report = compare_on_resume(resumed, save_dir, 1, 1, neutral)
+    assert report is not None and [(c.line(), c.kind) for c in report.changes] == [
+        ("model.step_seconds: 0.3 -> 0", SAFE)
+    ]
+    with pytest.raises(ConfigError, match=r"model\.step_seconds"):
+        compare_on_resume(resumed, save_dir, 1, 1)  # undeclared: a model change like any other
+    wider = load_config(
+        str(EXAMPLE), ["model.target=crashy:SlowModel", "model.step_seconds=0", "model.d_model=32"]
+    )
+    with pytest.raises(ConfigError, match=r"model\.d_model: 64 -> 32"):
+        compare_on_resume(wider, save_dir, 1, 1, neutral_component_keys(wider))
 
 
 def test_override_sets_the_new_lr_on_the_loaded_state() -> None:

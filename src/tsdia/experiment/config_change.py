@@ -16,8 +16,10 @@ directory decision, before anything is written.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import json
 import re
+from collections.abc import Collection
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,12 +126,17 @@ class ConfigChange:
 
 
 def compare_on_resume(
-    config: Config, save_dir: str | Path, world_size: int | None, old_world_size: int | None
+    config: Config,
+    save_dir: str | Path,
+    world_size: int | None,
+    old_world_size: int | None,
+    neutral: Collection[str] = (),
 ) -> ConfigChange | None:
     """Compare `config` with the experiment's newest recorded config; raise `ConfigError` on a refusal.
 
     `old_world_size` is the number of processes the resumed checkpoint was saved by (None: unknown, or
-    no checkpoint). Returns None when the experiment has no recorded config to compare with.
+    no checkpoint); `neutral` are component keys declared safe (`neutral_component_keys`). Returns None
+    when the experiment has no recorded config to compare with.
     """
     root = Path(save_dir)
     base = latest_recorded_config(root)
@@ -143,7 +150,8 @@ def compare_on_resume(
             key, kind, _show(old.get(key, _UNSET)), _show(new.get(key, _UNSET)), _where(config.source, key)
         )
         for key in sorted(set(old) | set(new))
-        if old.get(key, _UNSET) != new.get(key, _UNSET) and (kind := classify(key)) != IGNORED
+        if old.get(key, _UNSET) != new.get(key, _UNSET)
+        and (kind := SAFE if _under(key, neutral) else classify(key)) != IGNORED
     ]
     if old_world_size is not None and world_size is not None and old_world_size != world_size:
         changes.append(Change(WORLD_SIZE_KEY, TIED, str(old_world_size), str(world_size), "the launcher"))
@@ -152,6 +160,32 @@ def compare_on_resume(
     if refusal:
         raise ConfigError(refusal)
     return report
+
+
+def neutral_component_keys(config: Config) -> set[str]:
+    """`model.X` / `dataset.X` keys their component declares safe to change on resume.
+
+    A model or dataset factory may list, in a `resume_neutral_kwargs` attribute, keyword arguments
+    that do not change what is trained: a data root that moved, a cache path, a profiling or debugging
+    switch. Imports the component's module (the trainer has imported it already); one that cannot be
+    imported declares nothing (building it reports that error).
+    """
+    keys: set[str] = set()
+    for section in ("model", "dataset"):
+        component = getattr(config, section)
+        module_name, _, attribute = component.target.partition(":")
+        try:
+            target: Any = importlib.import_module(module_name)
+            for part in attribute.split("."):
+                target = getattr(target, part)
+        except (ImportError, AttributeError, ValueError):
+            continue
+        keys |= {f"{section}.{name}" for name in getattr(target, "resume_neutral_kwargs", ())}
+    return keys
+
+
+def _under(key: str, prefixes: Collection[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
 
 
 def refusal_message(report: ConfigChange) -> str | None:

@@ -22,6 +22,7 @@ from tsdia.experiment.config_change import (
     ConfigChange,
     compare_on_resume,
     log_lines,
+    neutral_component_keys,
     render_resume_config,
     resume_config_path,
     saved_world_size,
@@ -52,7 +53,8 @@ def decide_on_rank_zero(
             if decision.action == "resume" and not decision.created_dir:
                 # Before the lock and any file: a refused change leaves the directory as it was.
                 old_world = saved_world_size(decision.save_dir, decision.resume_from)
-                change = compare_on_resume(config, decision.save_dir, cluster.world_size, old_world)
+                neutral = neutral_component_keys(config)
+                change = compare_on_resume(config, decision.save_dir, cluster.world_size, old_world, neutral)
                 decision.config_change = change.to_dict() if change else None
             lock = ExperimentLock(decision.save_dir)
             lock.acquire(cluster.job_id)
