@@ -354,8 +354,8 @@ def _show(value: Any) -> str:
 
 
 def _where(source: ConfigSource, key: str) -> str:
-    where = source.positions.get(key, "")
-    return where if where else ""
+    """`file:line` (or the override) that set `key`; "" for a default."""
+    return source.positions.get(key, "")
 
 
 def _located(change: Change) -> str:
