@@ -10,6 +10,8 @@ from tsdia.examples.tsvad import TargetSpeakerVAD
 
 
 class CrashingModel(TargetSpeakerVAD):
+    resume_neutral_kwargs = ("crash_at_call",)  # test hooks: a resume may drop them (see config_change)
+
     def __init__(self, crash_at_call: int = 3, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.crash_at_call = crash_at_call
@@ -31,6 +33,8 @@ class CrashingModel(TargetSpeakerVAD):
 
 class RankReportingModel(TargetSpeakerVAD):
     """Prints a checksum of its parameters on every validation, in each rank's own log."""
+
+    resume_neutral_kwargs = ("crash_on_rank", "crash_at_call")
 
     def __init__(self, crash_on_rank: int = -1, crash_at_call: int = 0, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
@@ -54,6 +58,8 @@ class RankReportingModel(TargetSpeakerVAD):
 
 class SelfSignalingModel(TargetSpeakerVAD):
     """Sends its own process a signal at a chosen training call: a deterministic 'preemption'."""
+
+    resume_neutral_kwargs = ("signal_at_call", "signal_rank", "signal_name")
 
     def __init__(
         self, signal_at_call: int = 0, signal_rank: int = 0, signal_name: str = "SIGUSR2", **kwargs: object
@@ -79,6 +85,8 @@ class SelfSignalingModel(TargetSpeakerVAD):
 class SlowModel(TargetSpeakerVAD):
     """Takes `step_seconds` per training batch, so a job lives long enough to be signalled mid-run."""
 
+    resume_neutral_kwargs: tuple[str, ...] = ("step_seconds", "crash_at_call")
+
     def __init__(self, step_seconds: float = 0.2, crash_at_call: int = 0, **kwargs: object) -> None:
         super().__init__(**kwargs)  # type: ignore[arg-type]
         self.step_seconds = step_seconds
@@ -99,6 +107,8 @@ class SlowModel(TargetSpeakerVAD):
 class HangingModel(SlowModel):
     """Blocks forever in its forward on rank `hang_rank` at training call `hang_at_call`, once: the file
     `once_marker` records that it hung, so the requeued attempt trains through (a transient hang)."""
+
+    resume_neutral_kwargs = (*SlowModel.resume_neutral_kwargs, "hang_rank", "hang_at_call", "once_marker")
 
     def __init__(
         self, hang_rank: int = 1, hang_at_call: int = 0, once_marker: str = "", **kwargs: object

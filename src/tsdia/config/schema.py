@@ -103,6 +103,12 @@ class CheckpointConfig:
         None, "Keep at most this many named checkpoints; the best and the newest are never deleted.", ge=1
     )
     resume: str | None = option(None, "`latest`, or a checkpoint directory to resume from.")
+    resume_policy: Literal["strict", "override"] = option(
+        "strict",
+        "A resume whose config changes the optimizer, schedule, batch geometry, seed, data or world size "
+        "since the experiment's recorded config: strict refuses it; override applies the new values after "
+        "loading the checkpoint (exact resume is then no longer claimed). Model changes are always refused.",
+    )
     best_metric: str = option("val_loss", "Validation metric that picks `best_checkpoint`.")
     best_mode: Literal["min", "max"] = option(
         "min", "Whether a lower (min) or higher (max) metric is better."

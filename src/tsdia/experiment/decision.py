@@ -29,6 +29,8 @@ class Decision:
     created_dir: bool = False  # this run is the experiment's first: it writes config.yml
     note: str = ""
     create: str = "no"  # what claim_directory() does: "no", "new" (must not exist) or "if_missing"
+    # A resume's config compared with the experiment's (tsdia.experiment.config_change.ConfigChange.to_dict)
+    config_change: dict[str, Any] | None = None
 
     @property
     def log_name(self) -> str:

@@ -18,6 +18,15 @@ from tsdia.cluster import ClusterEnvironment
 from tsdia.config.loader import effective_yaml
 from tsdia.config.schema import Config
 from tsdia.experiment.checkpoints import clean_staging
+from tsdia.experiment.config_change import (
+    ConfigChange,
+    compare_on_resume,
+    log_lines,
+    neutral_component_keys,
+    render_resume_config,
+    resume_config_path,
+    saved_world_size,
+)
 from tsdia.experiment.decision import Decision, open_experiment
 from tsdia.experiment.layout import CONFIG_FILE, LOGS_DIR, RANK_LOGS_DIR, STORE_DIR
 from tsdia.experiment.lock import ExperimentLock
@@ -41,6 +50,12 @@ def decide_on_rank_zero(
     if cluster.is_main:
         try:
             decision = open_experiment(checkpoint.save_dir, checkpoint.resume, cluster.claim_token)
+            if decision.action == "resume" and not decision.created_dir:
+                # Before the lock and any file: a refused change leaves the directory as it was.
+                old_world = saved_world_size(decision.save_dir, decision.resume_from)
+                neutral = neutral_component_keys(config)
+                change = compare_on_resume(config, decision.save_dir, cluster.world_size, old_world, neutral)
+                decision.config_change = change.to_dict() if change else None
             lock = ExperimentLock(decision.save_dir)
             lock.acquire(cluster.job_id)
             removed = clean_staging(decision.save_dir)
@@ -120,8 +135,19 @@ class Attempt:
                     f"({self.cluster.master_addr_reason or self.cluster.launcher})"
                 )
 
+    @property
+    def config_change(self) -> ConfigChange | None:
+        """A resume's config compared with the experiment's (None on a first attempt)."""
+        data = self.decision.config_change
+        return ConfigChange.from_dict(data) if data else None
+
     def write_config(self) -> None:
-        """config.yml: a byte-identical copy, or the effective config when overrides were given."""
+        """config.yml: a byte-identical copy, or the effective config when overrides were given.
+
+        A resume that changed the config records its effective config in `logs/config_resume_N.yml`
+        instead (config.yml stays as the experiment began) and lists the changes in its log.
+        """
+        self._record_config_change()
         target = self.save_dir / CONFIG_FILE
         if not (self.cluster.is_main and self.decision.created_dir) or target.exists():
             return
@@ -139,6 +165,17 @@ class Attempt:
                 effective_yaml(self.config) if source.path else yaml.safe_dump(full_config_dict(self.config))
             )
             atomic_write_text(target, text)
+
+    def _record_config_change(self) -> None:
+        change = self.config_change
+        lines = log_lines(change) if change else []
+        if change is None or not lines or not self.cluster.is_main:
+            return
+        print("\n".join(lines), flush=True)
+        index = self.decision.resume_index
+        path = resume_config_path(self.save_dir, index)
+        atomic_write_text(path, render_resume_config(self.config, change, index))
+        print(f"Effective config of this attempt recorded in {path.relative_to(self.save_dir)}", flush=True)
 
     def write_json_once(self, name: str, data: dict[str, Any]) -> None:
         path = self.save_dir / name

@@ -34,6 +34,9 @@ class Progress:
     epoch: int = 0
     batches_in_epoch: int = 0
     last_val_step: int = -1  # global step of the latest validation
+    # The geometry the state was saved under, so a resume with another one can find its place (-1/0: older).
+    samples_in_epoch: int = -1  # samples of the epoch consumed by all ranks together
+    world_size: int = 0
 
 
 def checkpoint_state(progress: Progress, early_stopping: EarlyStopping | None) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from tsdia.training.ema import EMA, build_ema
 from tsdia.training.optim import build_optimizer, build_scheduler, check_optim
 from tsdia.training.preemption import PreemptionWatcher
 from tsdia.training.rendezvous import start_distributed
+from tsdia.training.resume_override import apply_override, samples_in_epoch
 from tsdia.training.run_state import Progress, TrainResult, checkpoint_state, restore_state
 from tsdia.training.step_log import StepLog
 from tsdia.training.trackers import Trackers
@@ -219,6 +220,19 @@ class Trainer:
             self.progress = restore_state(
                 self.checkpointer.load(attempt.decision.resume_from), self.early_stopping
             )
+            change = attempt.config_change
+            if change is not None and change.overridden:
+                apply_override(
+                    change,
+                    training,
+                    optimizer,
+                    scheduler,
+                    self.progress,
+                    world_size=accelerator.num_processes,
+                    batches_per_epoch=len(train_dl),
+                    dataset_len=_dataset_len(train_dl),
+                    accelerator=accelerator,
+                )
             logger.info(
                 "Resumed at step %d (epoch %d, batch %d)",
                 self.progress.global_step,
@@ -417,6 +431,13 @@ class Trainer:
         epoch = progress.epoch if progress.batches_in_epoch else max(progress.epoch - 1, 0)
         # The end of training, wherever it is saved from.
         final = progress.global_step >= self.total_steps or self._early_stopped()
+        progress.world_size = self.accelerator.num_processes
+        progress.samples_in_epoch = samples_in_epoch(
+            progress.batches_in_epoch,
+            self.config.training.batch_size,
+            progress.world_size,
+            _dataset_len(self.train_dataloader),
+        )
         state = checkpoint_state(progress, self.early_stopping)
         with self.watchdog.watching("checkpoint"):
             path = self.checkpointer.save(
@@ -440,6 +461,13 @@ class Trainer:
     def _zero_stage(self) -> int | None:
         ds = deepspeed_config(self.config, self.cluster)
         return None if ds is None else int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def _dataset_len(dataloader: Any) -> int | None:
+    try:
+        return len(dataloader.dataset)
+    except (TypeError, AttributeError):  # an IterableDataset without a length
+        return None
 
 
 def _loss_of(output: Any) -> Any:
