@@ -25,7 +25,7 @@ from tsdia.experiment.config_change import (
     latest_recorded_config,
     neutral_component_keys,
 )
-from tsdia.training.components import build_scheduler
+from tsdia.training.optim import build_scheduler
 from tsdia.training.resume_override import rederive_position, reset_schedule, set_optimizer_hyperparameters
 
 QUIET = ["training.logging.wandb=false", "training.logging.progress_bar=false"]
@@ -271,6 +271,27 @@ def test_resume_with_a_changed_config(tmp_path: Path, small_args: list[str]) -> 
     assert "  training.optimizer.lr: 0.003 -> 0.01  (override 'training.optimizer.lr=0.01')" in error
     assert "resume_policy=override" in error[-1] and "training.init_from" in error[-1]
     assert "max_steps" not in refused.stderr  # a safe change is not a reason to refuse
+    assert tree(save_dir) == before
+
+    # tsdia-submit refuses it at once (not after the job waited in the queue), torch-free or not.
+    submit = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tsdia.launch.submit",
+            str(EXAMPLE),
+            "--dry-run",
+            *base,
+            "training.optimizer.lr=0.01",
+        ],
+        cwd=tmp_path,
+        env=with_plugins(quiet_env(tmp_path)),
+        capture_output=True,
+        text=True,
+    )
+    assert submit.returncode == 2, submit.stdout + submit.stderr
+    assert submit.stderr.startswith("tsdia-submit: error: training.checkpoint.resume:")
+    assert "training.optimizer.lr: 0.003 -> 0.01" in submit.stderr
     assert tree(save_dir) == before
 
     model = run_train(tmp_path, *base, "model.d_model=32", "training.checkpoint.resume_policy=override")

@@ -6,7 +6,7 @@ types and ranges from the field metadata (`ge`, `gt`, `le`, `lt`, `choices`).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 EXAMPLE_MODEL = "tsdia.examples.tsvad:TargetSpeakerVAD"
@@ -383,3 +383,20 @@ class Config:
     distributed: DistributedConfig = section(DistributedConfig, "Multi-process and DeepSpeed settings.")
     slurm: SlurmConfig = section(SlurmConfig, "Slurm job settings for tsdia-submit.")
     source: ConfigSource = field(default_factory=ConfigSource, repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The whole resolved config as a nested dict, defaults filled in, loadable again: components as
+        `target` plus their arguments; the optimizer and schedule as written (a `target` with its arguments,
+        or a built-in `name` with its keys). Sent to the trackers and compared on resume."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            if f.name == "source":
+                continue
+            value = getattr(self, f.name)
+            if isinstance(value, ComponentConfig):
+                out[f.name] = {"target": value.target, **value.kwargs}
+            else:
+                out[f.name] = asdict(value)
+        out["training"]["optimizer"] = self.training.optimizer.settings()
+        out["training"]["scheduler"] = self.training.scheduler.settings()
+        return out

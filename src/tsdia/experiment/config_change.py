@@ -15,7 +15,6 @@ directory decision, before anything is written.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import json
 import re
@@ -24,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tsdia.config.schema import ComponentConfig, Config, ConfigSource
+from tsdia.config.schema import Config, ConfigSource
 from tsdia.errors import ConfigError
 from tsdia.experiment.layout import CONFIG_FILE, LOGS_DIR
 
@@ -144,7 +143,7 @@ def compare_on_resume(
         return None
     policy = config.training.checkpoint.resume_policy
     old = recorded_values(base)
-    new = flatten(config_dict(config))
+    new = flatten(config.to_dict())
     changes = [
         Change(
             key, kind, _show(old.get(key, _UNSET)), _show(new.get(key, _UNSET)), _where(config.source, key)
@@ -242,7 +241,7 @@ def render_resume_config(config: Config, report: ConfigChange, resume_index: int
     header.append(f"# resume_policy: {report.policy}")
     if report.new_world_size is not None:
         header.append(f"# world size: {report.new_world_size}")
-    body = yaml.safe_dump(config_dict(config), sort_keys=False, allow_unicode=True)
+    body = yaml.safe_dump(config.to_dict(), sort_keys=False, allow_unicode=True)
     return "\n".join(header) + "\n" + body
 
 
@@ -298,9 +297,9 @@ def recorded_values(path: Path) -> dict[str, Any]:
         )
     try:
         source = ConfigSource(path=str(path), text=text, raw=raw, positions=positions)
-        return flatten(config_dict(config_from_dict(_with_save_dir(raw, path), source)))
+        return flatten(config_from_dict(_with_save_dir(raw, path), source).to_dict())
     except ConfigError:
-        return {**flatten(config_dict(Config())), **flatten(raw)}
+        return {**flatten(Config().to_dict()), **flatten(raw)}
 
 
 def _with_save_dir(raw: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -319,20 +318,6 @@ def _with_save_dir(raw: dict[str, Any], path: Path) -> dict[str, Any]:
             },
         },
     }
-
-
-def config_dict(config: Config) -> dict[str, Any]:
-    """The whole config as a nested dict with defaults filled in (components as target + kwargs)."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(config):
-        if f.name == "source":
-            continue
-        value = getattr(config, f.name)
-        if isinstance(value, ComponentConfig):
-            out[f.name] = {"target": value.target, **value.kwargs}
-        else:
-            out[f.name] = asdict(value)
-    return out
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -360,3 +345,30 @@ def _where(source: ConfigSource, key: str) -> str:
 
 def _located(change: Change) -> str:
     return f"{change.line()}" + (f"  ({change.where})" if change.where else "")
+
+
+def check_resume_at_submit(config: Config, save_dir: str | Path, world_size: int) -> None:
+    """tsdia-submit's look at a resume: refuse now what the job would refuse after waiting in the queue.
+
+    The same comparison as the job's, against the checkpoint the job would resume. Components are
+    imported (for their `resume_neutral_kwargs`) only when a `model.*`/`dataset.*` change would otherwise
+    be refused, so a plain submit stays free of torch. Other refusals (no checkpoint, a directory in use)
+    are left to the directory checks that follow.
+    """
+    from tsdia.errors import TsdiaError
+    from tsdia.experiment.decision import decide
+
+    resume = config.training.checkpoint.resume
+    if resume is None:
+        return
+    try:
+        decision = decide(str(save_dir), resume)
+    except TsdiaError:
+        return
+    if not decision.resume_from:
+        return
+    old_world = saved_world_size(save_dir, decision.resume_from)
+    try:
+        compare_on_resume(config, save_dir, world_size, old_world)
+    except ConfigError:
+        compare_on_resume(config, save_dir, world_size, old_world, neutral_component_keys(config))

@@ -30,6 +30,7 @@ from tsdia.config.loader import load_config
 from tsdia.config.schema import Config
 from tsdia.errors import TsdiaError
 from tsdia.experiment import claim as claims
+from tsdia.experiment.config_change import check_resume_at_submit
 from tsdia.experiment.weight_files import check_init_from
 from tsdia.fileio import atomic_write_text
 from tsdia.launch import container, sbatch
@@ -121,6 +122,9 @@ def run(argv: Sequence[str]) -> int:
         print(text, end="")
         return 0
     resume = config.training.checkpoint.resume
+    check_resume_at_submit(
+        config, res.save_dir, res.num_tasks
+    )  # a refused change fails now, not in the queue
     if args.dry_run:
         claims.check_can_submit(res.save_dir, resume, is_job_active if _have_slurm() else None)
         if res.container is not None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from tsdia.config.loader import load_config
 from tsdia.errors import CheckpointDirectoryExistsError, ConfigError
 from tsdia.experiment import claim as claims
+from tsdia.experiment.config_change import check_resume_at_submit
 from tsdia.experiment.layout import SWEEP_FILE
 from tsdia.follow.scan import read_experiment
 from tsdia.launch import sbatch, sweep
@@ -68,6 +69,12 @@ def run_sweep(args: argparse.Namespace, argv: list[str], cwd: str) -> int:
             "one (tsdia-submit ... training.checkpoint.save_dir=DIR/NAME KEY=VALUE)"
         )
     todo = [p for p in prepared if previous is None or not sweep.completed(p.member)]
+    for p in todo:  # a member whose changed config its job would refuse fails the submit now
+        if resume is not None and Path(p.member.save_dir).exists():
+            try:
+                check_resume_at_submit(p.config, p.member.save_dir, p.res.num_tasks)
+            except ConfigError as err:
+                raise ConfigError(f"sweep member {p.member.index} ({p.member.name}): {err}") from None
     parallel = args.parallel or base.slurm.array_parallelism or max(len(todo), 1)
     record = sweep.Sweep(
         save_dir=sweep_dir,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
 import subprocess
 from pathlib import Path
@@ -10,24 +9,12 @@ from typing import Any
 
 from torch import nn
 
-from tsdia.config.schema import ComponentConfig, Config
+from tsdia.config.schema import Config
 
 
 def full_config_dict(config: Config) -> dict[str, Any]:
     """The whole resolved config as a nested dict (defaults filled in), as sent to the trackers."""
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(config):
-        if f.name == "source":
-            continue
-        value = getattr(config, f.name)
-        if isinstance(value, ComponentConfig):
-            out[f.name] = {"target": value.target, **value.kwargs}
-        else:
-            out[f.name] = dataclasses.asdict(value)
-    # As written: a `target` with its arguments, or a built-in `name` with its keys (loadable again).
-    out["training"]["optimizer"] = config.training.optimizer.settings()
-    out["training"]["scheduler"] = config.training.scheduler.settings()
-    return out
+    return config.to_dict()
 
 
 def package_version(name: str) -> str | None:
