@@ -316,3 +316,19 @@ def test_sweep_members_are_grouped_and_logs_need_a_member(tmp_path: Path) -> Non
     assert chosen.returncode == 0 and chosen.stdout == "step 1\n"
     wrong = tsdia("logs", str(sweep_dir), "--member", "lr=9", cwd=tmp_path)
     assert wrong.returncode == 2 and "no member 'lr=9'" in wrong.stderr
+
+
+def test_progress_record_is_rewritten_at_most_every_interval_while_training(tmp_path: Path) -> None:
+    """Loss lines every few milliseconds must not rewrite the file each time; validations and the end must."""
+    writer = ProgressWriter(tmp_path, total_steps=100, attempt=0, min_interval_s=3600)
+    path = tmp_path / "logs" / "progress.json"
+    path.parent.mkdir()
+    writer.update(10, 0, {"train_loss": 0.5})
+    assert json.loads(path.read_text())["step"] == 10
+    writer.update(20, 0, {"train_loss": 0.4})
+    assert json.loads(path.read_text())["step"] == 10  # within the interval: not rewritten
+    writer.update(25, 0, {"val_loss": 0.3})
+    record = json.loads(path.read_text())
+    assert record["step"] == 25 and record["metrics"] == {"train_loss": 0.4, "val_loss": 0.3}
+    writer.update(30, 0, {"train_loss": 0.2}, "finished")
+    assert json.loads(path.read_text())["state"] == "finished"

@@ -54,10 +54,14 @@ def read_progress(save_dir: Path) -> ProgressRecord | None:
 class ProgressWriter:
     """Keeps `logs/progress.json` current; cheap enough to call at every log interval."""
 
-    def __init__(self, save_dir: Path, total_steps: int, attempt: int) -> None:
+    def __init__(self, save_dir: Path, total_steps: int, attempt: int, min_interval_s: float = 0.0) -> None:
         self.path = progress_path(save_dir)
         self.total_steps = total_steps
         self.attempt = attempt
+        # Training-loss lines come every few milliseconds with small steps: the file is rewritten at most
+        # this often for them (validation results and state changes are written at once).
+        self.min_interval_s = min_interval_s
+        self._written_at: float | None = None
         self.metrics: dict[str, float] = {}
         self._recent: deque[tuple[float, int]] = deque(maxlen=RATE_WINDOW + 1)
 
@@ -70,6 +74,15 @@ class ProgressWriter:
         if len(self._recent) > 1:
             (t0, s0), (t1, s1) = self._recent[0], self._recent[-1]
             rate = (s1 - s0) / (t1 - t0) if t1 > t0 else None
+        due = (
+            self._written_at is None
+            or state != "running"
+            or any(key.startswith("val_") for key in metrics)
+            or now - self._written_at >= self.min_interval_s
+        )
+        if not due:
+            return
+        self._written_at = now
         record = ProgressRecord(
             step=step,
             total_steps=self.total_steps,

@@ -11,8 +11,8 @@ import torch
 class StepLog:
     """Averages the training loss per optimizer step over the steps between two log lines.
 
-    The sums stay on the device, so a step costs no host synchronisation; a log line reduces them across
-    ranks (collective: every rank reaches the same steps).
+    The losses stay on the device, so a step costs no host synchronisation and no kernel; a log line
+    averages them and reduces the mean across ranks (collective: every rank reaches the same steps).
     """
 
     def __init__(
@@ -30,24 +30,32 @@ class StepLog:
             log,
             bar,
         )
-        self._window = torch.zeros((), device=accelerator.device)  # one optimizer step's micro-batches
-        self._sum = torch.zeros((), device=accelerator.device)  # per-step means since the last line
-        self._count = 0
+        # The detached micro-batch losses since the last line, each with its weight 1 / (micro-batches in
+        # its optimizer step): no tensor arithmetic per step (each op is a kernel launch on a GPU).
+        self._losses: list[torch.Tensor] = []
+        self._weights: list[float] = []
+        self._window = 0  # micro-batches of the optimizer step in progress
+        self._count = 0  # optimizer steps since the last line
 
     def add(self, loss: torch.Tensor) -> None:
         """One micro-batch's loss."""
-        self._window += loss.detach()
+        self._losses.append(loss.detach())
+        self._window += 1
 
     def step_done(self, step: int, micro_batches: int, epoch: int, scheduler: Any) -> None:
         """An optimizer step over `micro_batches` micro-batches finished; log if a line is due."""
-        self._sum += self._window / micro_batches
+        self._weights.extend([1.0 / micro_batches] * self._window)
+        self._window = 0
         self._count += 1
-        self._window.zero_()
         if step % self.interval and step != self.total_steps:
             return
-        mean_loss = self.accelerator.reduce(self._sum / max(self._count, 1), "mean").item()
+        losses = torch.stack(self._losses).float()
+        weights = torch.tensor(self._weights, device=losses.device)
+        step_mean = (losses * weights).sum() / max(self._count, 1)
+        mean_loss = self.accelerator.reduce(step_mean, "mean").item()
         lr = float(scheduler.get_last_lr()[0])
         self.log({"train_loss": mean_loss, "lr": lr, "epoch": epoch}, step)
         self.bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-        self._sum.zero_()
+        self._losses.clear()
+        self._weights.clear()
         self._count = 0

@@ -38,6 +38,8 @@ from tsdia.weights import initialize_from
 
 logger = logging.getLogger(__name__)
 
+PROGRESS_EVERY_S = 2.0  # logs/progress.json (for tsdia status) is rewritten at most this often while training
+
 
 class Trainer:
     """Trains `model` with full experiment management: directory protection, logs, trackers, checkpoints.
@@ -246,7 +248,7 @@ class Trainer:
         self.trackers = attempt.start_trackers(full_config_dict(self.config), self.progress.global_step)
         if self.cluster.is_main:
             self._progress_writer = ProgressWriter(
-                attempt.save_dir, total_steps, attempt.decision.resume_index
+                attempt.save_dir, total_steps, attempt.decision.resume_index, min_interval_s=PROGRESS_EVERY_S
             )
             clear_old_attempts(attempt.save_dir, attempt.decision.resume_index)
         barrier()
