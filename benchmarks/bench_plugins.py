@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import sys
+import threading
 import time
 from typing import Any
 
@@ -145,7 +146,7 @@ def tensor_datasets(
 
 
 def _trackers_started() -> bool:
-    """With `$BENCH_WAIT_FOR_WANDB` set: whether WandB has started in this process.
+    """With `$BENCH_WAIT_FOR_WANDB` set: whether WandB (and tsdia's tracker start-up) has finished starting.
 
     tsdia starts its trackers in a background thread after the first step; their start-up (importing
     wandb, `wandb.init`: seconds of CPU) is start-up, not steady state, and must not fall inside the
@@ -154,7 +155,10 @@ def _trackers_started() -> bool:
     if not os.environ.get("BENCH_WAIT_FOR_WANDB"):
         return True
     wandb = sys.modules.get("wandb")
-    return wandb is not None and getattr(wandb, "run", None) is not None
+    if wandb is None or getattr(wandb, "run", None) is None:
+        return False
+    # tsdia's start-up thread goes on after wandb.init (TensorBoard, the run's records): wait for its end.
+    return not any(thread.name == "tsdia-trackers" for thread in threading.enumerate())
 
 
 def _sync(batch: dict[str, torch.Tensor]) -> None:
