@@ -42,6 +42,8 @@ QUIET = ["training.logging.wandb=false", "training.logging.progress_bar=false"]
         ("slurm.sbatch_extra.mail-type", SAFE),
         ("training.num_workers", SAFE),
         ("training.dataloader.prefetch_factor", SAFE),
+        ("training.dataloader.seed_samples", TIED),
+        ("training.dataloader.drop_last", TIED),
         ("training.early_stopping.patience", SAFE),  # a later key: safe by its prefix
         ("distributed.env.NCCL_DEBUG", SAFE),
         ("distributed.timeout_s", SAFE),

@@ -48,7 +48,7 @@ _RULES: dict[str, str] = {
     "training.watchdog": SAFE,
     "training.early_stopping": SAFE,
     "training.num_workers": SAFE,  # per-sample seeding makes the weights independent of the workers
-    "training.dataloader": SAFE,
+    "training.dataloader": SAFE,  # workers, pinning, prefetching: how fast, not what
     "slurm": SAFE,
     "distributed.env": SAFE,
     "distributed.timeout_s": SAFE,
@@ -63,6 +63,9 @@ _RULES: dict[str, str] = {
     "training.max_grad_norm": TIED,
     "training.mixed_precision": TIED,
     "training.ema": TIED,
+    "training.dataloader.seed_samples": TIED,  # the samples' random numbers
+    "training.dataloader.sample_rngs": TIED,
+    "training.dataloader.drop_last": TIED,  # the batches per epoch: the schedule and the data position
     "distributed.deepspeed": TIED,
     "dataset": TIED,  # other data is another run
     WORLD_SIZE_KEY: TIED,
