@@ -205,6 +205,19 @@ def test_override_sets_the_new_lr_on_the_loaded_state() -> None:
     )
 
 
+def test_override_sets_a_target_optimizers_keyword_arguments() -> None:
+    """`optimizer: {target: torch.optim.SGD, momentum: ...}`: the new momentum (a keyword argument of the
+    target, not a built-in key) reaches the loaded param groups too."""
+    new = load_config(
+        str(EXAMPLE),
+        ["training.optimizer={target: torch.optim.SGD, lr: 0.05, momentum: 0.5, nesterov: true}"],
+    ).training
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(2))], lr=0.1, momentum=0.9, nesterov=True)
+    set_optimizer_hyperparameters(optimizer, new)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["momentum"], group["nesterov"], group["initial_lr"]) == (0.05, 0.5, True, 0.05)
+
+
 @dataclass
 class _Counters:
     global_step: int = 6

@@ -8,7 +8,6 @@ consumed when the batch geometry (batch size, gradient accumulation, world size)
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from typing import Any
 
@@ -63,7 +62,7 @@ def apply_override(
 
 def set_optimizer_hyperparameters(optimizer: Any, training: TrainingConfig) -> None:
     """Every param group takes the config's values for the hyperparameters it has (lr, betas, ...)."""
-    values = dataclasses.asdict(training.optimizer)
+    values = training.optimizer.settings()  # a target's keyword arguments too
     for group in optimizer.param_groups:
         for key, value in values.items():
             if key == "params" or key not in group:
