@@ -46,6 +46,7 @@ def assert_consistent(save_dir: Path) -> int:
 
 # Both ways of writing: in the training loop, and from host buffers on a background thread.
 WRITERS = {"sync": [], "async": ["training.checkpoint.async_save=true"]}
+KILLS = 12  # per writer; most land inside a checkpoint write (each restart costs a process start-up)
 
 
 @pytest.mark.parametrize("writer", WRITERS)
@@ -65,7 +66,7 @@ def test_sigkill_at_random_moments(tmp_path: Path, writer: str) -> None:
     kills = 0
     resume_steps = []
     interrupted_writes = 0  # restarts that found a checkpoint half-written by the killed attempt
-    while kills < 20:
+    while kills < KILLS:
         command = args + (["training.checkpoint.resume=latest"] if kills else [])
         proc = subprocess.Popen(
             command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -89,7 +90,7 @@ def test_sigkill_at_random_moments(tmp_path: Path, writer: str) -> None:
         latest = assert_consistent(save_dir)
         assert latest >= last_saved, f"checkpoint of step {last_saved} was reported saved but is gone"
         resume_steps.append(latest)
-    assert kills >= 20, f"only {kills} kills before the run finished"
+    assert kills >= KILLS, f"only {kills} kills before the run finished"
     print(f"{interrupted_writes} of {kills} kills interrupted a checkpoint write")
     assert interrupted_writes >= 1  # the kills really landed inside checkpoint writes (16 of 20 seen here)
     assert resume_steps == sorted(resume_steps)  # progress is never lost

@@ -93,12 +93,27 @@ def test_ddp_synchronises_and_resumes_exactly(tmp_path: Path) -> None:
     assert len(list((part / "logs" / "ranks").glob("training_*.rank1.log"))) == 2
 
 
-def test_zero2_resumes_exactly(tmp_path: Path) -> None:
-    full, part = exact_resume(tmp_path, "distributed.deepspeed.zero_stage=2")
+def test_zero2_resumes_exactly_with_an_ema(tmp_path: Path) -> None:
+    """ZeRO-2 on 2 ranks resumes bitwise, and so does an EMA of the weights (ZeRO 1/2 keep the full
+    parameters on every rank): the final weights and every EMA file both runs have are equal."""
+    full, part = exact_resume(
+        tmp_path,
+        "distributed.deepspeed.zero_stage=2",
+        "training.ema.decay=0.8",
+        "training.checkpoint.save_total_limit=null",
+        "training.checkpoint.interval=3",
+    )
     assert_same_weights(final_weights(full), final_weights(part))
-    assert (full / "checkpoint-epoch1-step16" / "pytorch_model").is_dir()  # DeepSpeed's sharded states
+    final = full / "checkpoint-epoch1-step16"
+    assert (final / "pytorch_model").is_dir()  # DeepSpeed's sharded states
     assert json.loads((full / "hyperparameters.json").read_text())["zero_stage"] == 2
     assert (full / "best_checkpoint").is_symlink()
+    for name in ("checkpoint-epoch0-step3", "checkpoint-epoch1-step16"):
+        assert_same_weights(
+            load_file(str(full / name / "ema.safetensors")), load_file(str(part / name / "ema.safetensors"))
+        )
+    index = json.loads((full / "checkpoints" / "index.json").read_text())
+    assert "val_ema_loss" in index["checkpoints"][-1]["metrics"]
 
 
 def test_zero3_trains(tmp_path: Path) -> None:
