@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tsdia.cluster import ClusterEnvironment
 from tsdia.config.schema import SlurmConfig
@@ -106,6 +107,31 @@ def slurm_stop_now(cluster: ClusterEnvironment, signal_name: str, lead_s: int) -
     return classify_slurm_stop(job_snapshot(cluster.job_id), signal_name, cluster.restart_count, lead_s)
 
 
+def attempt_record(
+    cluster: ClusterEnvironment,
+    resume_index: int,
+    start_step: int,
+    stop_step: int,
+    reason: str,
+    end: str,
+    **details: Any,
+) -> AttemptRecord:
+    """This attempt's record, stamped now with its job, restart count and nodes; `details` are the
+    end-specific fields (ranks, slurm_state, hang)."""
+    return AttemptRecord(
+        resume_index=resume_index,
+        job_id=cluster.job_id,
+        restart_count=cluster.restart_count,
+        start_step=start_step,
+        stop_step=stop_step,
+        reason=reason,
+        time=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        end=end,
+        nodes=list(cluster.nodes),
+        **details,
+    )
+
+
 def plan_after_stop(
     *,
     save_dir: Path,
@@ -126,16 +152,13 @@ def plan_after_stop(
     passes `failure` ("crash", "hang") and no signal. Rank 0 only; it runs while the log tee is open.
     """
     end, reason = describe_stop(signal_name, failure, slurm_stop, cluster.job_id)
-    attempt = AttemptRecord(
-        resume_index=resume_index,
-        job_id=cluster.job_id,
-        restart_count=cluster.restart_count,
-        start_step=start_step,
-        stop_step=stop_step,
-        reason=reason,
-        time=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        end=end,
-        nodes=list(cluster.nodes),
+    attempt = attempt_record(
+        cluster,
+        resume_index,
+        start_step,
+        stop_step,
+        reason,
+        end,
         ranks=list(ranks),
         slurm_state=slurm_stop.state if slurm_stop else None,
     )
@@ -200,18 +223,7 @@ def record_completed(
     """The attempt that finished training: its record closes the history (rank 0). `reason` says why it
     ended before the planned end when it did (early stopping); `end` is "completed" either way."""
     record_attempt(
-        save_dir,
-        AttemptRecord(
-            resume_index=resume_index,
-            job_id=cluster.job_id,
-            restart_count=cluster.restart_count,
-            start_step=start_step,
-            stop_step=stop_step,
-            reason=reason,
-            time=time.strftime("%Y-%m-%dT%H:%M:%S"),
-            end="completed",
-            nodes=list(cluster.nodes),
-        ),
+        save_dir, attempt_record(cluster, resume_index, start_step, stop_step, reason, "completed")
     )
 
 

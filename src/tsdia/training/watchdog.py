@@ -39,11 +39,16 @@ from typing import Any
 from tsdia.cluster import ClusterEnvironment
 from tsdia.config.schema import Config, SlurmConfig
 from tsdia.errors import EXIT_HANG
-from tsdia.experiment.attempts import AttemptRecord, read_attempts, record_attempt
+from tsdia.experiment.attempts import read_attempts, record_attempt
 from tsdia.experiment.layout import STORE_DIR
 from tsdia.fileio import atomic_write_text
 from tsdia.slurm_commands import requeue_job
-from tsdia.training.after_stop import apply_node_exclusion, decide_requeue, plan_node_exclusion
+from tsdia.training.after_stop import (
+    apply_node_exclusion,
+    attempt_record,
+    decide_requeue,
+    plan_node_exclusion,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -353,16 +358,13 @@ def record_hang(
     start_step: int,
 ) -> bool:
     """Rank 0: append the `hang` attempt to attempts.json, say what happens next; True to requeue."""
-    record = AttemptRecord(
-        resume_index=resume_index,
-        job_id=cluster.job_id,
-        restart_count=cluster.restart_count,
-        start_step=start_step,
-        stop_step=report.step,
-        reason="hang",
-        time=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        end="hang",
-        nodes=list(cluster.nodes),
+    record = attempt_record(
+        cluster,
+        resume_index,
+        start_step,
+        report.step,
+        "hang",
+        "hang",
         ranks=report.stuck_ranks,  # the ranks furthest behind (the others waited for them)
         hang=report.as_record(),
     )
