@@ -16,17 +16,13 @@ ready `torch.Generator` from `sample_generator()`.
 
 from __future__ import annotations
 
-import random
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, NamedTuple
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset, Sampler, get_worker_info
 
-try:
-    import numpy
-except ImportError:  # numpy is optional: without it there is no numpy RNG to seed
-    numpy = None  # type: ignore[assignment]
+from tsdia.training.global_rngs import NAMES, GlobalRngs
 
 __all__ = ["SampleKeySampler", "SeededSamples", "sample_generator", "sample_seed"]
 
@@ -81,37 +77,6 @@ def sample_generator(device: str | torch.device = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(_mix64(sample_seed() ^ 0x5DEECE66D))
 
 
-class _GlobalRng(NamedTuple):
-    """How to seed, save and restore one library's global RNG."""
-
-    seed: Callable[[int], Any]
-    save: Callable[[], Any]
-    restore: Callable[[Any], Any]
-
-
-def _numpy_rng() -> _GlobalRng:
-    legacy = numpy.random.mtrand._rand  # the RandomState behind numpy.random.* functions
-    return _GlobalRng(lambda seed: legacy.seed(seed >> 32), legacy.get_state, legacy.set_state)
-
-
-# Each library gets different bits of the sample's seed: torch and numpy both use MT19937, and one
-# 32-bit seed for both would make their streams equal.
-GLOBAL_RNGS: dict[str, Callable[[], _GlobalRng]] = {
-    "torch": lambda: _GlobalRng(
-        lambda seed: torch.default_generator.manual_seed(seed & 0xFFFFFFFF),
-        torch.default_generator.get_state,
-        torch.default_generator.set_state,
-    ),
-    "random": lambda: _GlobalRng(random.seed, random.getstate, random.setstate),
-    "numpy": _numpy_rng,
-}
-
-
-def global_rngs(names: Sequence[str]) -> list[_GlobalRng]:
-    """The named global RNGs (numpy's is skipped when numpy is not installed)."""
-    return [GLOBAL_RNGS[name]() for name in names if not (name == "numpy" and numpy is None)]
-
-
 class SampleKeySampler(Sampler[tuple[int, int]]):
     """Yields `(epoch, index)` keys: a permutation seeded by (seed, epoch), or the plain order.
 
@@ -150,12 +115,10 @@ class SeededSamples(Dataset[Any]):
     (`__getitems__`), so in the main process the RNG states are saved and restored once per batch.
     """
 
-    def __init__(
-        self, dataset: Dataset[Any], seed: int, stream: int, rngs: Sequence[str] = tuple(GLOBAL_RNGS)
-    ) -> None:
+    def __init__(self, dataset: Dataset[Any], seed: int, stream: int, rngs: Sequence[str] = NAMES) -> None:
         self.dataset, self.seed, self.stream, self.rngs = dataset, seed, stream, tuple(rngs)
         self._base = _stream_base(seed, stream)
-        self._global_rngs: list[_GlobalRng] | None = None  # built in the loading process (not pickled)
+        self._global_rngs: GlobalRngs | None = None  # built in the loading process (not pickled)
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_global_rngs": None}
@@ -169,23 +132,22 @@ class SeededSamples(Dataset[Any]):
     def __getitems__(self, keys: Sequence[tuple[int, int]]) -> list[Any]:
         global _current_seed
         if self._global_rngs is None:
-            self._global_rngs = global_rngs(self.rngs)
+            self._global_rngs = GlobalRngs(self.rngs)
         rngs = self._global_rngs
-        seeders = [rng.seed for rng in rngs]
         # In a worker the RNGs belong to us; in the main process dropout and the user's own code draw from
         # them too, so their states must come out of loading exactly as they went in.
-        saved = [rng.save() for rng in rngs] if get_worker_info() is None else None
+        saved = rngs.save() if get_worker_info() is None else None
         samples = []
-        base, dataset = self._base, self.dataset
+        dataset, seed_rngs = self.dataset, rngs.seed
+        # The seeds first, in one tight loop: mixing them between samples, with cold caches, costs more.
+        seeds = [_key_seed(self._base, epoch, index) for epoch, index in keys]
         try:
-            for epoch, index in keys:
-                _current_seed = seed = _key_seed(base, epoch, index)
-                for seed_rng in seeders:
-                    seed_rng(seed)
+            for (_, index), seed in zip(keys, seeds, strict=True):
+                _current_seed = seed
+                seed_rngs(seed)
                 samples.append(dataset[index])
         finally:
             _current_seed = None
             if saved is not None:
-                for rng, state in zip(rngs, saved, strict=True):
-                    rng.restore(state)
+                rngs.restore(saved)
         return samples
