@@ -7,6 +7,7 @@ without, with persistent workers, and on two ranks.
 
 from __future__ import annotations
 
+import multiprocessing
 import random
 import subprocess
 import sys
@@ -27,7 +28,7 @@ from tsdia.config.loader import config_from_dict
 from tsdia.config.schema import ConfigSource, TrainingConfig
 from tsdia.errors import EXIT_STOPPED, ConfigError
 from tsdia.training.data import build_dataloaders
-from tsdia.training.sample_rng import SeededSamples, sample_generator, sample_seed
+from tsdia.training.sample_rng import SampleKeySampler, SeededSamples, sample_generator, sample_seed
 
 
 def _training(num_workers: int, **dataloader: Any) -> TrainingConfig:
@@ -103,6 +104,64 @@ def test_sample_seed_helper() -> None:
     assert seen[0][1].equal(seen[2][1])
     with pytest.raises(RuntimeError, match="only defined while tsdia loads a sample"):
         sample_seed()
+
+
+class SometimesNumpy(torch.utils.data.Dataset[float]):
+    """Noise from torch in every sample, a numpy draw only in every fifth, `random` never; counts loads."""
+
+    def __init__(self, size: int = 40) -> None:
+        self.size, self.loads = size, multiprocessing.RawValue("i", 0)  # shared with forked workers
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, index: int) -> float:
+        self.loads.value += 1
+        value = float(torch.rand(()))
+        return value + float(numpy.random.uniform()) if index % 5 == 3 else value
+
+
+def _keyed_epochs(dataset: SeededSamples, num_workers: int, epochs: int = 2) -> list[list[int]]:
+    """Every batch (as the loaded values) and the loads counted per epoch, through a real DataLoader."""
+    keys = SampleKeySampler(len(dataset), seed=0, shuffle=True)
+    loader = torch.utils.data.DataLoader(dataset, sampler=keys, batch_size=4, num_workers=num_workers)
+    batches, loads = [], []
+    for epoch in range(epochs):
+        keys.set_epoch(epoch)
+        start = dataset.dataset.loads.value  # type: ignore[attr-defined]
+        batches += [batch.tolist() for batch in loader]
+        loads.append(dataset.dataset.loads.value - start)  # type: ignore[attr-defined]
+    return [batches, loads]
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_only_the_rngs_drawn_from_are_seeded_and_samples_stay_exact(num_workers: int) -> None:
+    """Lazy seeding gives each sample exactly what eager seeding gives, at one reloaded batch per RNG."""
+    eager = SeededSamples(SometimesNumpy(), seed=4, stream=0, lazy=False)
+    lazy = SeededSamples(SometimesNumpy(), seed=4, stream=0)
+    (eager_batches, eager_loads), (lazy_batches, lazy_loads) = (
+        _keyed_epochs(eager, 0),
+        _keyed_epochs(lazy, num_workers),
+    )
+    assert lazy_batches == eager_batches
+    assert eager_loads == [40, 40]
+    # Learned in the first epoch's first batches (torch at once, numpy at its first fifth sample), by
+    # each worker at most once per RNG; shared, so the second epoch's new workers reload nothing.
+    assert 40 < lazy_loads[0] <= 40 + 2 * 4 * max(num_workers, 1) and lazy_loads[1] == 40
+    assert list(lazy._drawn) == [1, 0, 1]  # torch, numpy; never random (learned in the workers, shared)
+
+
+def test_a_dataset_that_draws_nothing_is_never_seeded() -> None:
+    class Plain(torch.utils.data.Dataset[int]):
+        def __len__(self) -> int:
+            return 8
+
+        def __getitem__(self, index: int) -> int:
+            return index
+
+    seeded = SeededSamples(Plain(), seed=1, stream=0)
+    assert [seeded.__getitems__([(0, i), (0, i + 1)]) for i in (0, 2, 4)] == [[0, 1], [2, 3], [4, 5]]
+    assert list(seeded._drawn) == [0, 0, 0]
 
 
 def test_worker_options_need_workers() -> None:

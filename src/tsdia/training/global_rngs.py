@@ -37,10 +37,9 @@ class _RawMt19937:
 
     `RandomState` keeps one more piece of state outside the struct: a cached second normal deviate
     (`has_gauss`, `gauss`), which only `get_state` shows. `save` finds out whether one is cached by
-    drawing a normal: a cached one comes back without moving the twister. (The draw is harmless: the
-    batch about to be loaded reseeds this RNG before its first sample.) Without a cached deviate,
-    which is the usual case, `restore` is a `seed` (which clears the cache) and one copy; with one, it
-    falls back to `set_state`.
+    drawing a normal (a cached one comes back without moving the twister), then undoes the draw. Without
+    a cached deviate, which is the usual case, `restore` is a `seed` (which clears the cache) and one
+    copy; with one, it falls back to `set_state`.
     """
 
     STATE_BYTES = 624 * 4 + 4  # mt19937_state: uint32_t key[624]; int pos;
@@ -66,8 +65,9 @@ class _RawMt19937:
     def save(self) -> tuple[bytes, float | None]:
         raw = ctypes.string_at(self.address, self.STATE_BYTES)
         deviate = self.legacy.standard_normal()
-        cached = ctypes.string_at(self.address, self.STATE_BYTES) == raw
-        return raw, deviate if cached else None
+        saved = raw, deviate if ctypes.string_at(self.address, self.STATE_BYTES) == raw else None
+        self.restore(saved)  # undo the probe: saving leaves the RNG as it was
+        return saved
 
     def restore(self, saved: tuple[bytes, float | None]) -> None:
         raw, cached_deviate = saved
@@ -77,6 +77,18 @@ class _RawMt19937:
         else:
             key, pos = self._decode(raw)
             self.legacy.set_state(("MT19937", key, pos, 1, cached_deviate))
+
+
+def _torch_state(generator: torch.Generator) -> tuple[Callable[[], bytes], Callable[[bytes], Any]]:
+    """Save as bytes (states compare with ==) and restore from them."""
+
+    def save() -> bytes:
+        return generator.get_state().numpy().tobytes()
+
+    def restore(state: bytes) -> None:
+        generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+
+    return save, restore
 
 
 class GlobalRngs:
@@ -99,7 +111,7 @@ class GlobalRngs:
             legacy.seed if legacy is not None else None,
         )
         savers: dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]] = {
-            "torch": (generator.get_state, generator.set_state),
+            "torch": _torch_state(generator),
             "random": (python.getstate, python.setstate),
         }
         if legacy is not None:
@@ -108,13 +120,19 @@ class GlobalRngs:
         self._savers = [savers[name] for name in self.names]
 
     def save(self) -> list[Any]:
-        """Every RNG's state, for `restore` (numpy's save draws from it: reseed or restore after)."""
+        """Every RNG's state, in the order of `names`; states compare with `==` (equal: nothing was drawn)."""
         return [save() for save, _ in self._savers]
 
     def restore(self, saved: list[Any]) -> None:
         """Put back the states `save` returned."""
         for (_, restore), state in zip(self._savers, saved, strict=True):
             restore(state)
+
+    def drawn_from(self, before: list[Any]) -> list[str]:
+        """The RNGs whose state moved since `before` (a `save()`): something drew from them."""
+        return [
+            name for name, state, now in zip(self.names, before, self.save(), strict=True) if state != now
+        ]
 
 
 def _seeder(

@@ -16,7 +16,9 @@ ready `torch.Generator` from `sample_generator()`.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import multiprocessing
+import multiprocessing.context
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -113,15 +115,32 @@ class SeededSamples(Dataset[Any]):
 
     Indexed by the `(epoch, index)` keys of `SampleKeySampler`. The DataLoader hands it whole batches
     (`__getitems__`), so in the main process the RNG states are saved and restored once per batch.
+
+    Only the RNGs the dataset is seen drawing from are seeded (re-seeding one costs microseconds per
+    sample, and many datasets draw from one RNG or none): the others are watched, their states compared
+    before and after each batch. The batch in which the dataset first draws from a watched RNG is
+    loaded again with that RNG seeded, so every sample still sees exactly the states eager seeding would
+    give it. What was learned is shared by the loading processes of this DataLoader through shared
+    memory, workers of later epochs included, so each RNG costs one reloaded batch per run (or per
+    worker that finds it at the same time), not one per worker and epoch.
     """
 
-    def __init__(self, dataset: Dataset[Any], seed: int, stream: int, rngs: Sequence[str] = NAMES) -> None:
+    def __init__(
+        self, dataset: Dataset[Any], seed: int, stream: int, rngs: Sequence[str] = NAMES, lazy: bool = True
+    ) -> None:
         self.dataset, self.seed, self.stream, self.rngs = dataset, seed, stream, tuple(rngs)
         self._base = _stream_base(seed, stream)
-        self._global_rngs: GlobalRngs | None = None  # built in the loading process (not pickled)
+        # Which of `rngs` the dataset draws from (1: seen drawing); eager seeding starts with all of them.
+        self._drawn: Any = multiprocessing.RawArray("b", [0 if lazy else 1] * len(self.rngs))
+        self._seeded: GlobalRngs | None = None  # built in the loading process (not pickled)
+        self._watched: GlobalRngs | None = None
+        self._learned: tuple[int, ...] = ()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_global_rngs": None}
+        state = {**self.__dict__, "_seeded": None, "_watched": None, "_learned": ()}
+        if multiprocessing.context.get_spawning_popen() is None:  # not a worker start: no shared memory
+            state["_drawn"] = list(self._drawn)
+        return state
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
@@ -130,24 +149,54 @@ class SeededSamples(Dataset[Any]):
         return self.__getitems__([key])[0]
 
     def __getitems__(self, keys: Sequence[tuple[int, int]]) -> list[Any]:
-        global _current_seed
-        if self._global_rngs is None:
-            self._global_rngs = GlobalRngs(self.rngs)
-        rngs = self._global_rngs
+        seeded, watched = self._rngs()
         # In a worker the RNGs belong to us; in the main process dropout and the user's own code draw from
         # them too, so their states must come out of loading exactly as they went in.
-        saved = rngs.save() if get_worker_info() is None else None
+        main_process = get_worker_info() is None
+        saved = seeded.save() if main_process and seeded.names else None
+        before = watched.save() if watched.names else None
+        samples = self._load(keys, seeded.seed if seeded.names else None, saved, seeded)
+        if before is not None:
+            drawn = watched.drawn_from(before)
+            if drawn:  # samples drew from an RNG that was not seeded for them: load them again, seeded
+                if main_process:
+                    watched.restore(before)
+                for name in drawn:
+                    self._drawn[self.rngs.index(name)] = 1
+                return self.__getitems__(keys)
+        return samples
+
+    def _rngs(self) -> tuple[GlobalRngs, GlobalRngs]:
+        """The RNGs seeded per sample and those watched, as this DataLoader has learned them so far."""
+        learned = tuple(self._drawn)
+        if self._seeded is None or self._watched is None or learned != self._learned:
+            self._learned = learned
+            self._seeded = GlobalRngs([name for name, drawn in zip(self.rngs, learned, strict=True) if drawn])
+            self._watched = GlobalRngs(
+                [name for name, drawn in zip(self.rngs, learned, strict=True) if not drawn]
+            )
+        return self._seeded, self._watched
+
+    def _load(
+        self,
+        keys: Sequence[tuple[int, int]],
+        seed_rngs: Callable[[int], None] | None,
+        saved: list[Any] | None,
+        seeded: GlobalRngs,
+    ) -> list[Any]:
+        global _current_seed
         samples = []
-        dataset, seed_rngs = self.dataset, rngs.seed
+        dataset = self.dataset
         # The seeds first, in one tight loop: mixing them between samples, with cold caches, costs more.
         seeds = [_key_seed(self._base, epoch, index) for epoch, index in keys]
         try:
             for (_, index), seed in zip(keys, seeds, strict=True):
                 _current_seed = seed
-                seed_rngs(seed)
+                if seed_rngs is not None:
+                    seed_rngs(seed)
                 samples.append(dataset[index])
         finally:
             _current_seed = None
             if saved is not None:
-                rngs.restore(saved)
+                seeded.restore(saved)
         return samples
