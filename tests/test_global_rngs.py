@@ -9,7 +9,7 @@ import numpy
 import pytest
 import torch
 
-from tsdia.training.global_rngs import GlobalRngs, _RawMt19937
+from tsdia.training.global_rngs import GlobalRngs, _RawMt19937, _RawPythonRandom
 from tsdia.training.sample_rng import SeededSamples
 
 SEEDS = [0, 1, 2**32 - 1, 2**32, 0x9E3779B97F4A7C15, 2**64 - 1]
@@ -42,9 +42,10 @@ def test_seeding_equals_the_public_calls(seed: int) -> None:
         assert [*dirty[:index], expected[index], *dirty[index + 1 :]] == list(_states())
 
 
-def test_numpy_is_saved_by_copying_its_struct() -> None:
-    """The fast save applies to the installed numpy (else every batch pays ~120 us in get/set_state)."""
+def test_the_fast_paths_apply_here() -> None:
+    """The raw copies apply to this numpy and CPython (else every batch pays ~140 us in get/set_state)."""
     assert _RawMt19937.for_(numpy.random.mtrand._rand) is not None
+    assert _RawPythonRandom.for_(random._inst) is not None  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize("normals_before", [0, 1, 2])
@@ -61,6 +62,18 @@ def test_save_and_restore_bring_every_state_back(normals_before: int) -> None:
     rngs.restore(saved)
     assert _states() == before
     assert numpy.random.get_state()[3] == normals_before % 2  # has_gauss: the case was the one meant
+
+
+def test_a_draw_is_seen_by_each_rng_even_from_a_cached_normal() -> None:
+    rngs = GlobalRngs(["torch", "random", "numpy"])
+    numpy.random.standard_normal()  # numpy now holds a cached deviate: the next normal moves no twister
+    random.gauss(0, 1)  # and so does random (gauss_next)
+    before = rngs.save()
+    assert rngs.drawn_from(before) == []
+    numpy.random.standard_normal(), random.gauss(0, 1)
+    assert rngs.drawn_from(before) == ["random", "numpy"]
+    torch.rand(())
+    assert rngs.drawn_from(before) == ["torch", "random", "numpy"]
 
 
 def test_loading_a_batch_in_the_main_process_changes_no_state() -> None:

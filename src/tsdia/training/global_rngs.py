@@ -1,24 +1,28 @@
-"""Seed, save and restore the global RNGs user code draws from (`torch`, `random`, `numpy`), fast.
+"""Seed, save, restore and compare the global RNGs user code draws from (`torch`, `random`, `numpy`), fast.
 
-Per-sample seeding (`tsdia.training.sample_rng`) runs these for every sample a DataLoader loads, between
-samples whose tensors have just evicted the caches, so each call takes the shortest path to the C code
-that produces the same state as the library's public call:
-- torch: `default_generator.manual_seed` (not `torch.manual_seed`, which also walks every accelerator);
-- random: the C `seed` of the module's hidden `Random` instance plus the reset of its cached normal
-  deviate, exactly what `random.seed(int)` does without its Python wrapper;
-- numpy: the legacy `RandomState` behind `numpy.random.*`; its `get_state`/`set_state` copy the 624-word
-  Mersenne Twister word by word (~60 us each), so saving and restoring it (once per batch, in the main
-  process) copies the raw state struct instead, after checking once that the struct reads back as
-  `get_state` says.
+Per-sample seeding (`tsdia.training.sample_rng`) runs these for every sample or batch a DataLoader
+loads, right after tensors have evicted the caches, where each Python call costs microseconds. So each
+takes the shortest path that gives the same state as the library's public call:
+- seeding: `default_generator.manual_seed` (not `torch.manual_seed`, which also walks every
+  accelerator); the C `seed` of `random`'s hidden instance plus the reset of its cached normal deviate
+  (what `random.seed(int)` does, without its Python wrapper); numpy's legacy `RandomState.seed`;
+  all in one function, one call per sample;
+- saving (to restore the main process's states, and to see whether a batch drew from an RNG):
+  `random.getstate` builds 625 ints and numpy's `get_state`/`set_state` copy the twister word by word
+  (~15 and ~60 us), so both are read as raw bytes from their C structs instead, after checking once
+  that the bytes read back as the public call says (else the public calls are used).
 """
 
 from __future__ import annotations
 
 import _random
+import array
 import ctypes
+import operator
 import random
+import sys
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -79,16 +83,49 @@ class _RawMt19937:
             self.legacy.set_state(("MT19937", key, pos, 1, cached_deviate))
 
 
-def _torch_state(generator: torch.Generator) -> tuple[Callable[[], bytes], Callable[[bytes], Any]]:
-    """Save as bytes (states compare with ==) and restore from them."""
+class _RawPythonRandom:
+    """Reads `random`'s hidden instance by copying its C struct (`getstate` builds 625 ints: ~15 us).
 
-    def save() -> bytes:
-        return generator.get_state().numpy().tobytes()
+    CPython's `RandomObject` is `PyObject_HEAD; int index; uint32_t state[624]`, unchanged for a decade;
+    `for_` checks once that the bytes read back as `getstate` says, else the plain calls are used.
+    Restoring goes through `setstate` (writing into the object is left to CPython).
+    """
 
-    def restore(state: bytes) -> None:
-        generator.set_state(torch.frombuffer(bytearray(state), dtype=torch.uint8))
+    OFFSET, STATE_BYTES = 16, 4 + 624 * 4
 
-    return save, restore
+    def __init__(self, instance: Any) -> None:
+        self.instance, self.address = instance, id(instance) + self.OFFSET
+
+    @classmethod
+    def for_(cls, instance: Any) -> _RawPythonRandom | None:
+        """The raw reader, or None where the struct does not read back as `getstate` says."""
+        raw = cls(instance)
+        if sys.implementation.name != "cpython" or array.array("I").itemsize != 4:
+            return None
+        return raw if raw._decode(raw.save()) == instance.getstate() else None
+
+    def save(self) -> tuple[bytes, Any]:
+        return ctypes.string_at(self.address, self.STATE_BYTES), self.instance.gauss_next
+
+    def restore(self, saved: tuple[bytes, Any]) -> None:
+        self.instance.setstate(self._decode(saved))
+
+    def _decode(self, saved: tuple[bytes, Any]) -> tuple[Any, ...]:
+        raw, gauss_next = saved
+        words = array.array("I", raw[4:]).tolist()
+        return self.instance.VERSION, (*words, int.from_bytes(raw[:4], sys.byteorder)), gauss_next
+
+
+class _Saver(NamedTuple):
+    """Save, restore and compare one RNG's state (`same`: nothing was drawn in between)."""
+
+    save: Callable[[], Any]
+    restore: Callable[[Any], Any]
+    same: Callable[[Any, Any], bool] = operator.eq
+
+
+def _numpy_states_equal(a: Any, b: Any) -> bool:
+    return bool(numpy.array_equal(a[1], b[1])) and a[2:] == b[2:]
 
 
 class GlobalRngs:
@@ -110,29 +147,35 @@ class GlobalRngs:
             python if "random" in self.names else None,
             legacy.seed if legacy is not None else None,
         )
-        savers: dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]] = {
-            "torch": _torch_state(generator),
-            "random": (python.getstate, python.setstate),
+        python_raw = _RawPythonRandom.for_(python)
+        savers = {
+            "torch": _Saver(generator.get_state, generator.set_state, torch.equal),
+            "random": _Saver(python_raw.save, python_raw.restore)
+            if python_raw
+            else _Saver(python.getstate, python.setstate),
         }
         if legacy is not None:
             raw = _RawMt19937.for_(legacy)
-            savers["numpy"] = (raw.save, raw.restore) if raw else (legacy.get_state, legacy.set_state)
+            savers["numpy"] = (
+                _Saver(raw.save, raw.restore)
+                if raw
+                else _Saver(legacy.get_state, legacy.set_state, _numpy_states_equal)
+            )
         self._savers = [savers[name] for name in self.names]
 
     def save(self) -> list[Any]:
-        """Every RNG's state, in the order of `names`; states compare with `==` (equal: nothing was drawn)."""
-        return [save() for save, _ in self._savers]
+        """Every RNG's state, in the order of `names`."""
+        return [saver.save() for saver in self._savers]
 
     def restore(self, saved: list[Any]) -> None:
         """Put back the states `save` returned."""
-        for (_, restore), state in zip(self._savers, saved, strict=True):
-            restore(state)
+        for saver, state in zip(self._savers, saved, strict=True):
+            saver.restore(state)
 
     def drawn_from(self, before: list[Any]) -> list[str]:
         """The RNGs whose state moved since `before` (a `save()`): something drew from them."""
-        return [
-            name for name, state, now in zip(self.names, before, self.save(), strict=True) if state != now
-        ]
+        pairs = zip(self.names, self._savers, before, self.save(), strict=True)
+        return [name for name, saver, then, now in pairs if not saver.same(then, now)]
 
 
 def _seeder(
