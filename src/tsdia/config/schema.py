@@ -195,8 +195,8 @@ class DataLoaderConfig:
     )
     sample_rngs: list[str] = option(
         ["torch", "random", "numpy"],
-        "The global RNGs seeded per sample (any of torch, random, numpy): list only those your dataset "
-        "draws from to save their few microseconds per sample; sample_seed() works with any.",
+        "The global RNGs tsdia keeps per-sample exact (any of torch, random, numpy): each is seeded per "
+        "sample once the dataset is seen drawing from it; one left out is neither seeded nor watched.",
     )
 
 
