@@ -10,7 +10,10 @@ sample (no file reading, no decoding), augmented on the fly from the three globa
   shift and a speed perturbation (`random`), 80-dim log-mel features, SpecAugment time and frequency
   masks (~1 ms per sample here);
 - **minimal** (information only): only gain, noise and shift on the waveform (~0.2 ms per sample): the
-  floor, where the fixed cost of seeding is largest relative to the work.
+  floor, where the fixed cost of seeding is largest relative to the work;
+- **torch-only** and **none** (information only, `--datasets`): the minimal waveform with noise from
+  `torch` alone, and with no random draw at all: what tsdia's learning of the RNGs a dataset draws from
+  saves (one seeded RNG and two watched; three watched).
 
 How, so that a 2% difference is visible on a shared 2-core machine: one real DataLoader per
 (dataset, num_workers), fed by tsdia's `SampleKeySampler`, whose dataset alternates batch by batch
@@ -44,8 +47,8 @@ N_FFT, HOP, N_MELS = 400, 160, 80
 class CheapAugmentedAudio(Dataset[torch.Tensor]):
     """In-memory clips, augmented per sample from torch, random and numpy (no I/O, no decoding)."""
 
-    def __init__(self, size: int, recipe: bool, clips: int = 64) -> None:
-        self.size, self.recipe = size, recipe
+    def __init__(self, size: int, kind: str, clips: int = 64) -> None:
+        self.size, self.kind = size, kind
         self.clips = torch.randn(clips, SAMPLE_RATE, generator=torch.Generator().manual_seed(0))
         self.window = torch.hann_window(N_FFT)
         self.mel = torch.rand(N_FFT // 2 + 1, N_MELS, generator=torch.Generator().manual_seed(1))
@@ -55,9 +58,13 @@ class CheapAugmentedAudio(Dataset[torch.Tensor]):
 
     def __getitem__(self, index: int) -> torch.Tensor:
         clip = self.clips[index % len(self.clips)]
+        if self.kind == "none":
+            return torch.roll(clip * 0.9 + 0.01 * clip, SAMPLE_RATE // 20)
+        if self.kind == "torch-only":
+            return torch.roll(clip * 0.9 + 0.01 * torch.randn(SAMPLE_RATE), SAMPLE_RATE // 20)
         gain = float(numpy.random.uniform(0.5, 1.5))
         wave = torch.roll(clip * gain + 0.01 * torch.randn(SAMPLE_RATE), random.randint(0, SAMPLE_RATE // 10))
-        if not self.recipe:
+        if self.kind == "minimal":
             return wave
         speed = random.choice((0.9, 1.0, 1.1))  # speed perturbation, resampled to a fixed length after
         length = int(SAMPLE_RATE / speed)
@@ -118,7 +125,12 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=4096)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
-    parser.add_argument("--datasets", nargs="+", default=["recipe", "minimal"], choices=["recipe", "minimal"])
+    parser.add_argument(
+        "--datasets",
+        nargs="+",
+        default=["recipe", "minimal"],
+        choices=["recipe", "minimal", "torch-only", "none"],
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -128,7 +140,7 @@ def main() -> None:
     )
     ratios = []
     for name in args.datasets:
-        dataset = CheapAugmentedAudio(args.samples, recipe=name == "recipe")
+        dataset = CheapAugmentedAudio(args.samples, kind=name)
         for workers in args.workers:
             costs = measure(dataset, workers, args)
             n = min(len(costs[False]), len(costs[True]))

@@ -31,8 +31,8 @@ __all__ = ["SampleKeySampler", "SeededSamples", "sample_generator", "sample_seed
 _MASK64 = (1 << 64) - 1
 TRAIN_STREAM, VALIDATION_STREAM = 0, 1
 
-# The seed of the sample being loaded in this process (None outside a sample).
-_current_seed: int | None = None
+# The sample being loaded in this process, as (stream base, epoch, index); None outside a sample.
+_current_key: tuple[int, int, int] | None = None
 
 
 def _mix64(value: int) -> int:
@@ -66,12 +66,12 @@ def sample_seed() -> int:
     A pure function of (training.seed, epoch, sample index), whatever worker or rank loads it: seed
     your own generators with it, e.g. `numpy.random.default_rng(sample_seed())`.
     """
-    if _current_seed is None:
+    if _current_key is None:
         raise RuntimeError(
             "sample_seed() is only defined while tsdia loads a sample (inside the dataset's __getitem__ "
             "under a tsdia DataLoader with training.dataloader.seed_samples: true)."
         )
-    return _current_seed
+    return _key_seed(*_current_key)
 
 
 def sample_generator(device: str | torch.device = "cpu") -> torch.Generator:
@@ -134,10 +134,10 @@ class SeededSamples(Dataset[Any]):
         self._drawn: Any = multiprocessing.RawArray("b", [0 if lazy else 1] * len(self.rngs))
         self._seeded: GlobalRngs | None = None  # built in the loading process (not pickled)
         self._watched: GlobalRngs | None = None
-        self._learned: tuple[int, ...] = ()
+        self._learned = b""
 
     def __getstate__(self) -> dict[str, Any]:
-        state = {**self.__dict__, "_seeded": None, "_watched": None, "_learned": ()}
+        state = {**self.__dict__, "_seeded": None, "_watched": None, "_learned": b""}
         if multiprocessing.context.get_spawning_popen() is None:  # not a worker start: no shared memory
             state["_drawn"] = list(self._drawn)
         return state
@@ -168,7 +168,7 @@ class SeededSamples(Dataset[Any]):
 
     def _rngs(self) -> tuple[GlobalRngs, GlobalRngs]:
         """The RNGs seeded per sample and those watched, as this DataLoader has learned them so far."""
-        learned = tuple(self._drawn)
+        learned = bytes(self._drawn)
         if self._seeded is None or self._watched is None or learned != self._learned:
             self._learned = learned
             self._seeded = GlobalRngs([name for name, drawn in zip(self.rngs, learned, strict=True) if drawn])
@@ -184,19 +184,23 @@ class SeededSamples(Dataset[Any]):
         saved: list[Any] | None,
         seeded: GlobalRngs,
     ) -> list[Any]:
-        global _current_seed
+        global _current_key
         samples = []
-        dataset = self.dataset
-        # The seeds first, in one tight loop: mixing them between samples, with cold caches, costs more.
-        seeds = [_key_seed(self._base, epoch, index) for epoch, index in keys]
+        dataset, base = self.dataset, self._base
         try:
-            for (_, index), seed in zip(keys, seeds, strict=True):
-                _current_seed = seed
-                if seed_rngs is not None:
+            if seed_rngs is None:  # nothing to seed: sample_seed() mixes the seed if it is asked for
+                for epoch, index in keys:
+                    _current_key = base, epoch, index
+                    samples.append(dataset[index])
+            else:
+                # The seeds first, in one tight loop: mixing them between samples, with cold caches, costs more.
+                seeds = [_key_seed(base, epoch, index) for epoch, index in keys]
+                for (epoch, index), seed in zip(keys, seeds, strict=True):
+                    _current_key = base, epoch, index
                     seed_rngs(seed)
-                samples.append(dataset[index])
+                    samples.append(dataset[index])
         finally:
-            _current_seed = None
+            _current_key = None
             if saved is not None:
                 seeded.restore(saved)
         return samples
