@@ -155,7 +155,11 @@ class SeededSamples(Dataset[Any]):
         main_process = get_worker_info() is None
         saved = seeded.save() if main_process and seeded.names else None
         before = watched.save() if watched.names else None
-        samples = self._load(keys, seeded.seed if seeded.names else None, saved, seeded)
+        try:
+            samples = self._load(keys, seeded.seed if seeded.names else None)
+        finally:
+            if saved is not None:
+                seeded.restore(saved)
         if before is not None:
             drawn = watched.drawn_from(before)
             if drawn:  # samples drew from an RNG that was not seeded for them: load them again, seeded
@@ -177,13 +181,8 @@ class SeededSamples(Dataset[Any]):
             )
         return self._seeded, self._watched
 
-    def _load(
-        self,
-        keys: Sequence[tuple[int, int]],
-        seed_rngs: Callable[[int], None] | None,
-        saved: list[Any] | None,
-        seeded: GlobalRngs,
-    ) -> list[Any]:
+    def _load(self, keys: Sequence[tuple[int, int]], seed_rngs: Callable[[int], None] | None) -> list[Any]:
+        """The samples, each loaded with `seed_rngs` (if any) called on its seed first."""
         global _current_key
         samples = []
         dataset, base = self.dataset, self._base
@@ -201,6 +200,4 @@ class SeededSamples(Dataset[Any]):
                     samples.append(dataset[index])
         finally:
             _current_key = None
-            if saved is not None:
-                seeded.restore(saved)
         return samples
