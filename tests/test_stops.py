@@ -15,8 +15,11 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import EXAMPLE, REPO, SMALL, quiet_env, run_train, with_plugins
+from tsdia.cluster import SLURM_FROM_SCRIPT_VAR, detect
+from tsdia.config.schema import SlurmConfig
 from tsdia.errors import EXIT_INTERRUPTED, EXIT_STOPPED
 from tsdia.experiment.attempts import AttemptRecord, nodes_to_exclude, read_attempts
+from tsdia.training.after_stop import StopFlow
 from tsdia.training.trackers import Trackers, WandbSettings, WandbTracker
 
 pytestmark = pytest.mark.slow
@@ -328,3 +331,33 @@ def test_trackers_drop_a_wandb_run_whose_service_died(
     trackers.finish()
     assert len(lost) == 1 and lost[0][0] == 2, lost
     assert not trackers and "WandB" in trackers.lost
+
+
+@pytest.mark.parametrize("in_container", [False, True])
+def test_a_container_job_leaves_slurm_to_its_script(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], in_container: bool
+) -> None:
+    """Inside the container scontrol cannot reach Slurm (each call waited up to 60 s before the save):
+    the job script exports TSDIA_SLURM_FROM_SCRIPT=1, and tsdia then neither asks nor requeues."""
+    calls = tmp_path / "scontrol-calls"
+    fake = tmp_path / "bin" / "scontrol"
+    fake.parent.mkdir()
+    fake.write_text(f'#!/bin/sh\necho "$@" >> {calls}\nexit 1\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    env = {"SLURM_JOB_ID": "77", "SLURM_RESTART_COUNT": "0"}
+    if in_container:
+        env[SLURM_FROM_SCRIPT_VAR] = "1"
+    cluster = detect(env)
+    assert cluster.talks_to_slurm is not in_container
+    flow = StopFlow(tmp_path, cluster, SlurmConfig(max_requeues=3), resume_index=0)
+    flow.on_signal("SIGUSR2")
+    flow.on_agreed_stop("SIGUSR2")
+    plan = flow.plan(start_step=0, stop_step=4, signal_name="SIGUSR2")
+    flow.requeue(plan)
+    assert plan.requeue  # the exit status still asks for the requeue: the script does it
+    if in_container:
+        assert not calls.exists()
+        assert "the job script requeues the job" in capsys.readouterr().out
+    else:
+        assert "show job" in calls.read_text() and "requeue 77" in calls.read_text()

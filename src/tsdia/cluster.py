@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 DEFAULT_PORT = 29500
 CLAIM_TOKEN_VAR = "TSDIA_CLAIM_TOKEN"
+# Set by the container job script: inside the container Slurm is out of reach, the script requeues.
+SLURM_FROM_SCRIPT_VAR = "TSDIA_SLURM_FROM_SCRIPT"
 _PORT_BASE, _PORT_SPAN = 20000, 20000  # ports derived from a Slurm job id land in [20000, 40000)
 
 
@@ -36,6 +38,12 @@ class ClusterEnvironment:
     master_addr_reason: str = ""  # how master_addr was chosen (printed in rank 0's log)
     nodes: tuple[str, ...] = ()  # the job's nodes (Slurm's node list; else this host): for attempts.json
     agent_store: bool = False  # torchrun's agent hosts the rendezvous store (rank 0 only connects to it)
+    slurm_from_script: bool = False  # a container job: its batch script, not tsdia, talks to Slurm
+
+    @property
+    def talks_to_slurm(self) -> bool:
+        """Whether tsdia itself may call scontrol for this job (ask why it stopped, requeue it)."""
+        return self.job_id is not None and not self.slurm_from_script
 
     @property
     def is_main(self) -> bool:
@@ -67,6 +75,7 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnvironment:
     restart_count = int(env.get("SLURM_RESTART_COUNT", "0") or 0)
     token = env.get(CLAIM_TOKEN_VAR) or None
     job_nodes = _job_nodes(env)
+    from_script = env.get(SLURM_FROM_SCRIPT_VAR) == "1"
     if "RANK" in env and "WORLD_SIZE" in env:
         world = int(env["WORLD_SIZE"])
         local_world = int(env.get("LOCAL_WORLD_SIZE", world))
@@ -85,6 +94,7 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnvironment:
             claim_token=token,
             nodes=job_nodes,
             agent_store=env.get("TORCHELASTIC_USE_AGENT_STORE") == "True",
+            slurm_from_script=from_script,
         )
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and _is_slurm_step(env):
         nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST") or ""
@@ -111,6 +121,7 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnvironment:
             restart_count=restart_count,
             claim_token=token,
             nodes=job_nodes,
+            slurm_from_script=from_script,
         )
     return ClusterEnvironment(
         launcher="single",
@@ -119,6 +130,7 @@ def detect(env: Mapping[str, str] | None = None) -> ClusterEnvironment:
         restart_count=restart_count,
         claim_token=token,
         nodes=job_nodes,
+        slurm_from_script=from_script,
     )
 
 

@@ -20,7 +20,7 @@ import os
 import shlex
 from collections.abc import Sequence
 
-from tsdia.cluster import CLAIM_TOKEN_VAR
+from tsdia.cluster import CLAIM_TOKEN_VAR, SLURM_FROM_SCRIPT_VAR
 from tsdia.errors import EXIT_REQUEUED
 from tsdia.launch import sbatch
 from tsdia.launch.resources import ContainerSpec, Mount, SlurmResources
@@ -126,6 +126,7 @@ def render_script(
         "launch_command": launch_command(res, spec, cwd, train, mount_root),
         "signal": shlex.quote(sbatch.SUBMITIT_SIGNAL),
         "exit_requeued": str(EXIT_REQUEUED),
+        "slurm_from_script": SLURM_FROM_SCRIPT_VAR,
         "runtime": spec.runtime,
     }
     template, where = sbatch.template_text(TEMPLATE)

@@ -65,6 +65,9 @@ class StopPlan:
     exclude: list[str] = field(default_factory=list)  # ExcNodeList to set once requeued (pending jobs only)
 
 
+PRE_SAVE_WAIT_S = 15  # how long the stop waits for Slurm's answer before it saves anyway
+
+
 class StopInspector:
     """Rank 0 of a Slurm job: reads Slurm's view of the stop in a thread started from the signal handler.
 
@@ -86,9 +89,9 @@ class StopInspector:
         )
         self._thread.start()
 
-    def wait(self) -> None:
+    def wait(self, timeout_s: float = 60) -> None:
         if self._thread is not None:
-            self._thread.join(timeout=60)
+            self._thread.join(timeout=timeout_s)
 
     def _inspect(self, signal_name: str, previous: threading.Thread | None) -> None:
         if previous is not None:
@@ -102,7 +105,7 @@ class StopInspector:
 
 def slurm_stop_now(cluster: ClusterEnvironment, signal_name: str, lead_s: int) -> SlurmStop | None:
     """How Slurm is stopping this job, asked the moment the ranks agreed to stop (rank 0; None off Slurm)."""
-    if cluster.job_id is None or signal_name == "SIGINT":
+    if cluster.job_id is None or not cluster.talks_to_slurm or signal_name == "SIGINT":
         return None
     return classify_slurm_stop(job_snapshot(cluster.job_id), signal_name, cluster.restart_count, lead_s)
 
@@ -181,6 +184,8 @@ def plan_after_stop(
     if requeue and failure is not None:
         attempt.excluded_nodes, exclude = plan_node_exclusion(cluster.job_id, history)
     record_attempt(save_dir, attempt)
+    if requeue and not cluster.talks_to_slurm:
+        why += "; the job script requeues the job (tsdia cannot reach Slurm from inside the container)"
     print(f"Stopped: {reason} at step {stop_step}; {'' if requeue else 'not '}requeueing: {why}.", flush=True)
     return StopPlan(end, requeue=requeue, requeue_now=requeue and not requeued_early, exclude=exclude)
 
@@ -196,6 +201,7 @@ def requeue_before_saving(
     """
     if (
         cluster.job_id is None
+        or not cluster.talks_to_slurm
         or slurm_stop is None
         or slurm_stop.end != "time_limit"
         or not slurm_stop.kill_is_near
@@ -300,7 +306,7 @@ class StopFlow:
 
     @property
     def asks_slurm(self) -> bool:
-        return self.cluster.is_main and self.cluster.job_id is not None
+        return self.cluster.is_main and self.cluster.talks_to_slurm
 
     def on_signal(self, signal_name: str) -> None:
         """From the signal handler: ask Slurm now (off the main thread) why the job is being stopped."""
@@ -315,7 +321,9 @@ class StopFlow:
         if self.inspector is None:
             self.on_signal(signal_name or "")
         assert self.inspector is not None
-        self.inspector.wait()
+        # Bounded: a slow or unreachable controller must not eat the grace time the save needs (Slurm's
+        # KillWait is 30 s by default); the answer can still arrive while saving, plan() waits for it.
+        self.inspector.wait(PRE_SAVE_WAIT_S)
 
     def plan(
         self, start_step: int, stop_step: int, signal_name: str | None, failure: str | None = None
@@ -324,6 +332,8 @@ class StopFlow:
         if not self.cluster.is_main:
             return StopPlan(end="", requeue=False)
         inspector = self.inspector
+        if inspector is not None:
+            inspector.wait()
         return plan_after_stop(
             save_dir=self.save_dir,
             cluster=self.cluster,
@@ -343,6 +353,6 @@ class StopFlow:
 
     def requeue(self, plan: StopPlan) -> None:
         """Rank 0 puts the job back in the queue when the plan says so (and excludes suspect nodes)."""
-        job_id = self.cluster.job_id if self.cluster.is_main else None
+        job_id = self.cluster.job_id if self.cluster.is_main and self.cluster.talks_to_slurm else None
         if job_id and plan.requeue_now and requeue_job(job_id):
             apply_node_exclusion(job_id, plan.exclude)

@@ -328,7 +328,7 @@ def watch_attempt(
             resume_index=resume_index,
             start_step=start_step,
         )
-        if requeue and cluster.job_id:
+        if requeue and cluster.job_id and cluster.talks_to_slurm:
             _, exclude = plan_node_exclusion(cluster.job_id, read_attempts(save_dir))
             requeue_job(cluster.job_id)  # before the exit: Slurm then ends every task of this attempt
             apply_node_exclusion(cluster.job_id, exclude)  # a node in two failed attempts in a row
