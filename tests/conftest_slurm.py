@@ -6,10 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -135,30 +132,3 @@ def slurm_cluster() -> None:
     )
     if done.returncode != 0:
         pytest.fail(f"slurm/dev-cluster.sh start failed ({done.returncode}):\n{done.stderr[-3000:]}")
-
-
-class Scenarios:
-    """A module's Slurm scenarios, all running at once in threads: their jobs' waits (requeue delays, time
-    limits, polling) overlap instead of adding up. A test calls `result(name)` for the outcome of its own
-    scenario (what its driver returned) and asserts on it; a driver's failure re-raises there."""
-
-    def __init__(self, drivers: dict[str, Callable[[], Any]]) -> None:
-        self._pool = ThreadPoolExecutor(max_workers=max(1, len(drivers)), thread_name_prefix="scenario")
-        # Dicts keep their order: the longest scenarios first, so their jobs get CPUs first.
-        self._futures = {name: self._pool.submit(driver) for name, driver in drivers.items()}
-
-    def result(self, name: str, timeout: float = 900) -> Any:
-        return self._futures[name].result(timeout=timeout)
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=True)
-
-
-def selected_tests(request: pytest.FixtureRequest) -> set[str]:
-    """Names of the tests of the requesting module that this session runs (after -k, node ids, deselection), so
-    a module-scoped fixture starts only the scenarios that something will assert on."""
-    return {
-        item.originalname
-        for item in request.session.items
-        if isinstance(item, pytest.Function) and item.module is request.module
-    }

@@ -13,12 +13,10 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import quiet_env, run_train, with_plugins
+from conftest import Scenarios, quiet_env, run_train, selected_tests, with_plugins
 from conftest_slurm import (
     EXAMPLE,
-    Scenarios,
     run_submit,
-    selected_tests,
     slurm,
     slurm_cluster,  # noqa: F401 - the session fixture
     submit_env,
