@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from safetensors.torch import load_file
 
-from conftest import quiet_env, run_train, with_plugins
-from conftest_slurm import Scenarios, selected_tests, slurm, slurm_cluster  # noqa: F401 - the session fixture
+from conftest import Scenarios, quiet_env, run_train, selected_tests, with_plugins
+from conftest_slurm import slurm, slurm_cluster  # noqa: F401 - the session fixture
 from test_slurm_preemption import SLOW, job_state, submit, wait_finished, wait_until
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow, pytest.mark.usefixtures("slurm_cluster")]
@@ -87,9 +87,9 @@ def test_preemption_grace_preemption_node_failure_and_scancel_each_save(tmp_path
     """One job: preempted in `debug` by `urgent` (SIGTERM to all, Slurm requeues), moved to `graced` and
     preempted there (SIGTERM, then the kill after GraceTime), its node set DOWN (Slurm requeues), then
     `scancel` (saved, not requeued); a resubmit with resume=latest completes it bitwise equal."""
+    expected = reference(tmp_path)
     save_dir = tmp_path / "stopped"
     job_id = submit(tmp_path, save_dir, *TRACKED, "slurm.partition=debug")
-    expected = Scenarios({"reference": functools.partial(reference, tmp_path)})  # trained here meanwhile
     wait_for_save(save_dir, 0)
     preempt(running_node(job_id))
     wait_until(lambda: len(attempts(save_dir)) == 1, 60, "the preempted attempt's record")
@@ -130,8 +130,7 @@ def test_preemption_grace_preemption_node_failure_and_scancel_each_save(tmp_path
     assert state == "COMPLETED", (state, code)
     ends = [a["end"] for a in attempts(save_dir)]
     assert ends == ["preempted", "preempted", "node_failure", "cancelled", "completed"]
-    assert_same(expected.result("reference"), load_file(str(save_dir / FINAL / "model.safetensors")))
-    expected.close()
+    assert_same(expected, load_file(str(save_dir / FINAL / "model.safetensors")))
     run_id = json.loads((save_dir / "wandb_info.json").read_text())["run_id"]
     assert all(r.name.endswith(run_id) for r in (save_dir / "wandb").glob("offline-run-*"))
 
