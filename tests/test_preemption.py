@@ -124,7 +124,13 @@ def test_stop_on_an_epochs_last_step_validates_that_epoch_on_resume(tmp_path: Pa
     common = [*SMALL, "model.target=crashy:SelfSignalingModel", "training.logging.wandb=false"]
     full, part = tmp_path / "full", tmp_path / "part"
     env = plugin_env(tmp_path)
-    assert run_train(tmp_path, *common, f"training.checkpoint.save_dir={full}", env=env).returncode == 0
+    uninterrupted = Scenarios(  # on the other core, meanwhile
+        {
+            "full": functools.partial(
+                run_train, tmp_path, *common, f"training.checkpoint.save_dir={full}", env=env
+            )
+        }
+    )
     stop = run_train(
         tmp_path, *common, f"training.checkpoint.save_dir={part}", "model.signal_at_call=8", env=env
     )
@@ -139,6 +145,9 @@ def test_stop_on_an_epochs_last_step_validates_that_epoch_on_resume(tmp_path: Pa
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Validation at step 8 (epoch 0)" in resumed.stdout
+    done = uninterrupted.result("full")
+    uninterrupted.close()
+    assert done.returncode == 0, done.stderr[-2000:]
     a = load_file(str(full / "checkpoint-epoch1-step16" / "model.safetensors"))
     b = load_file(str(part / "checkpoint-epoch1-step16" / "model.safetensors"))
     assert all(a[k].equal(b[k]) for k in a)
