@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -81,6 +84,34 @@ def tree(path: Path) -> dict[str, tuple[int, int]]:
 @pytest.fixture
 def small_args(tmp_path: Path) -> list[str]:
     return [*SMALL, f"training.checkpoint.save_dir={tmp_path / 'exp'}"]
+
+
+class Scenarios:
+    """A module's independent scenarios, all running at once in threads: what they wait for (Slurm's requeue
+    delays and time limits, child processes on the other core) overlaps instead of adding up. A test calls
+    `result(name)` for the outcome of its own scenario (what its driver returned) and asserts on it; a
+    driver's failure re-raises there."""
+
+    def __init__(self, drivers: dict[str, Callable[[], Any]]) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(drivers)), thread_name_prefix="scenario")
+        # Dicts keep their order: the longest scenarios first, so their jobs get CPUs first.
+        self._futures = {name: self._pool.submit(driver) for name, driver in drivers.items()}
+
+    def result(self, name: str, timeout: float = 900) -> Any:
+        return self._futures[name].result(timeout=timeout)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+
+
+def selected_tests(request: pytest.FixtureRequest) -> set[str]:
+    """Names (with parameters, e.g. `test_x[sync]`) of the requesting module's tests that this session runs
+    (after -k, node ids, deselection), so a module-scoped fixture starts only the scenarios something asserts on."""
+    return {
+        item.name
+        for item in request.session.items
+        if isinstance(item, pytest.Function) and item.module is request.module
+    }
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

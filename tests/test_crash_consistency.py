@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from conftest import EXAMPLE, REPO, SMALL, quiet_env, run_train
+from conftest import EXAMPLE, REPO, SMALL, Scenarios, quiet_env, run_train, selected_tests
 from tsdia.errors import directory_exists_message
 from tsdia.experiment import checkpoints as store
 
@@ -30,6 +32,7 @@ KILL_ARGS = [
     "training.logging.progress_bar=false",
     "model.num_layers=1",
 ]
+Completed = subprocess.CompletedProcess[str]
 SAVED = re.compile(r"Saved checkpoint-epoch\d+-step(\d+)")
 
 
@@ -49,8 +52,11 @@ WRITERS = {"sync": [], "async": ["training.checkpoint.async_save=true"]}
 KILLS = 12  # per writer; most land inside a checkpoint write (each restart costs a process start-up)
 
 
-@pytest.mark.parametrize("writer", WRITERS)
-def test_sigkill_at_random_moments(tmp_path: Path, writer: str) -> None:
+def kill_at_random_moments(tmp_path: Path, writer: str) -> tuple[Path, int, int, list[int], Completed]:
+    """Start, SIGKILL at a random moment after the first save, resume: KILLS times, checking after each kill
+    that the store is consistent and lost no reported save; then a run resumes from what is left and trains
+    3 steps more. Returns the save_dir, the kills, how many of them interrupted a write, the steps resumed
+    from, and that last run."""
     rng = random.Random(1234)
     save_dir = tmp_path / "killed"
     env = quiet_env(tmp_path)
@@ -64,7 +70,7 @@ def test_sigkill_at_random_moments(tmp_path: Path, writer: str) -> None:
         f"training.checkpoint.save_dir={save_dir}",
     ]
     kills = 0
-    resume_steps = []
+    resume_steps: list[int] = []
     interrupted_writes = 0  # restarts that found a checkpoint half-written by the killed attempt
     while kills < KILLS:
         command = args + (["training.checkpoint.resume=latest"] if kills else [])
@@ -90,19 +96,47 @@ def test_sigkill_at_random_moments(tmp_path: Path, writer: str) -> None:
         latest = assert_consistent(save_dir)
         assert latest >= last_saved, f"checkpoint of step {last_saved} was reported saved but is gone"
         resume_steps.append(latest)
-    assert kills >= KILLS, f"only {kills} kills before the run finished"
-    print(f"{interrupted_writes} of {kills} kills interrupted a checkpoint write")
-    assert interrupted_writes >= 1  # the kills really landed inside checkpoint writes (16 of 20 seen here)
-    assert resume_steps == sorted(resume_steps)  # progress is never lost
-    latest = resume_steps[-1]
     final = run_train(
         tmp_path,
         *KILL_ARGS,
         *WRITERS[writer],
         f"training.checkpoint.save_dir={save_dir}",
         "training.checkpoint.resume=latest",
-        f"training.max_steps={latest + 3}",
+        f"training.max_steps={resume_steps[-1] + 3 if resume_steps else 3}",
     )
+    return save_dir, kills, interrupted_writes, resume_steps, final
+
+
+@pytest.fixture(scope="module")
+def kill_scenarios(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Scenarios]:
+    """Both writers' kill loops at once: each is one process at a time, mostly start-up, so the two loops
+    keep both cores busy instead of one."""
+    selected = selected_tests(request)
+    running = Scenarios(
+        {
+            f"test_sigkill_at_random_moments[{writer}]": functools.partial(
+                kill_at_random_moments, tmp_path_factory.mktemp(f"kill-{writer}"), writer
+            )
+            for writer in WRITERS
+            if f"test_sigkill_at_random_moments[{writer}]" in selected
+        }
+    )
+    yield running
+    running.close()
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_sigkill_at_random_moments(kill_scenarios: Scenarios, writer: str) -> None:
+    save_dir, kills, interrupted_writes, resume_steps, final = kill_scenarios.result(
+        f"test_sigkill_at_random_moments[{writer}]"
+    )
+    assert kills >= KILLS, f"only {kills} kills before the run finished"
+    print(f"{interrupted_writes} of {kills} kills interrupted a checkpoint write")
+    assert interrupted_writes >= 1  # the kills really landed inside checkpoint writes (16 of 20 seen here)
+    assert resume_steps == sorted(resume_steps)  # progress is never lost
+    latest = resume_steps[-1]
     assert final.returncode == 0, final.stderr[-2000:]
     assert re.search(rf"Resuming from .*-step{latest}\n", final.stdout)
     assert assert_consistent(save_dir) == latest + 3

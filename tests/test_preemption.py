@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import SMALL, quiet_env, run_train, with_plugins
+from conftest import SMALL, Scenarios, quiet_env, run_train, with_plugins
 from test_distributed import torchrun
 from tsdia.errors import EXIT_STOPPED
 from tsdia.experiment.attempts import AttemptRecord
@@ -44,7 +45,18 @@ def test_preempted_three_times_ends_bitwise_equal(tmp_path: Path) -> None:
     common = [*SMALL, "model.target=crashy:SelfSignalingModel", "training.logging.wandb=true"]
     full, part = tmp_path / "full", tmp_path / "part"
     env = plugin_env(tmp_path)
-    assert run_train(tmp_path, *common, f"training.checkpoint.save_dir={full}", env=env).returncode == 0
+    # The uninterrupted run trains on the other core while the stopped ones run one after another.
+    uninterrupted = Scenarios(
+        {
+            "full": functools.partial(
+                run_train,
+                tmp_path,
+                *common,
+                f"training.checkpoint.save_dir={full}",
+                env=plugin_env(tmp_path / "env-full"),  # its own WandB cache and data dirs
+            )
+        }
+    )
     for i, call in enumerate([4, 5, 2]):  # stops at steps 4, 9 and 11 (calls count per process)
         args = [*common, f"training.checkpoint.save_dir={part}", f"model.signal_at_call={call}"]
         if i:
@@ -60,6 +72,9 @@ def test_preempted_three_times_ends_bitwise_equal(tmp_path: Path) -> None:
         env=env,
     )
     assert final.returncode == 0, final.stderr[-3000:]
+    done = uninterrupted.result("full")
+    uninterrupted.close()
+    assert done.returncode == 0, done.stderr[-3000:]
 
     a = load_file(str(full / "checkpoint-epoch1-step16" / "model.safetensors"))
     b = load_file(str(part / "checkpoint-epoch1-step16" / "model.safetensors"))
@@ -109,7 +124,13 @@ def test_stop_on_an_epochs_last_step_validates_that_epoch_on_resume(tmp_path: Pa
     common = [*SMALL, "model.target=crashy:SelfSignalingModel", "training.logging.wandb=false"]
     full, part = tmp_path / "full", tmp_path / "part"
     env = plugin_env(tmp_path)
-    assert run_train(tmp_path, *common, f"training.checkpoint.save_dir={full}", env=env).returncode == 0
+    uninterrupted = Scenarios(  # on the other core, meanwhile
+        {
+            "full": functools.partial(
+                run_train, tmp_path, *common, f"training.checkpoint.save_dir={full}", env=env
+            )
+        }
+    )
     stop = run_train(
         tmp_path, *common, f"training.checkpoint.save_dir={part}", "model.signal_at_call=8", env=env
     )
@@ -124,6 +145,9 @@ def test_stop_on_an_epochs_last_step_validates_that_epoch_on_resume(tmp_path: Pa
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "Validation at step 8 (epoch 0)" in resumed.stdout
+    done = uninterrupted.result("full")
+    uninterrupted.close()
+    assert done.returncode == 0, done.stderr[-2000:]
     a = load_file(str(full / "checkpoint-epoch1-step16" / "model.safetensors"))
     b = load_file(str(part / "checkpoint-epoch1-step16" / "model.safetensors"))
     assert all(a[k].equal(b[k]) for k in a)

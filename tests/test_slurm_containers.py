@@ -96,6 +96,13 @@ def test_preempted_container_job_requeues_and_resumes(tmp_path: Path, tsdia_imag
     from the checkpoint into training_resume_1_*.log; `--wait` follows it to the end."""
     save_dir = tmp_path / "preempted"
     longer = ["dataset.num_train=512", "training.checkpoint.interval=2"]
+    # The CPU test image ships Slurm's client tools (slurm/dev-cluster.sh can start inside it) but no slurm.conf:
+    # scontrol in the job's container would wait 60 s for that file, twice per stop (asking Slurm why, then
+    # requeueing), before failing. An empty one makes it fail at once, as where the image has no Slurm tools:
+    # either way the training cannot reach Slurm, and the script requeues the job.
+    empty_conf = tmp_path / "empty-slurm.conf"
+    empty_conf.touch()
+    longer.append(f"slurm.container.mounts=['{empty_conf}:/etc/slurm/slurm.conf:ro']")
     args = [str(EXAMPLE), f"training.checkpoint.save_dir={save_dir}", *TINY, *longer]
     command = [sys.executable, "-m", "tsdia.launch.submit", *args, *container_args(tsdia_image), "--wait"]
     with subprocess.Popen(

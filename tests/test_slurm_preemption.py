@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import quiet_env, run_train, with_plugins
+from conftest import Scenarios, quiet_env, run_train, selected_tests, with_plugins
 from conftest_slurm import (
     EXAMPLE,
     run_submit,
@@ -104,7 +106,13 @@ def preempt_after_save(job_id: str, save_dir: Path, attempt: int, after_step: in
     slurm("scancel", "--signal=USR2", job_id)
 
 
-def test_preempted_three_times_requeues_resumes_and_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+# Every scenario below runs in a thread of its own, all at once (see `Scenarios`): each driver submits its job,
+# signals it as the scenario says and waits for the end; its test then asserts on what the driver returns.
+# Their jobs need 1 CPU each (the local cluster has 4), and no scenario here stops a whole node.
+
+
+def three_preemptions(tmp_path: Path) -> tuple[Path, Path, tuple[str, str, int]]:
+    """An uninterrupted reference run, and the same run preempted three times on Slurm."""
     reference = tmp_path / "reference"
     local = quiet_env(tmp_path)
     with_plugins(local)
@@ -124,52 +132,27 @@ def test_preempted_three_times_requeues_resumes_and_matches_an_uninterrupted_run
             "the rerun",
         )
         last = max(saved_steps(save_dir, attempt))
-    state, code, restarts = wait_finished(job_id, 240)
-    assert (state, restarts) == ("COMPLETED", 3), (state, code, restarts)
-
-    a = load_file(str(reference / "checkpoint-epoch1-step32" / "model.safetensors"))
-    b = load_file(str(save_dir / "checkpoint-epoch1-step32" / "model.safetensors"))
-    assert all(a[k].equal(b[k]) for k in a), "preemption changed the final weights"
-
-    logs = sorted(re.sub(r"_\d{8}_\d{6}", "", p.name) for p in (save_dir / "logs").glob("training_*.log"))
-    assert logs == ["training.log", "training_resume_1.log", "training_resume_2.log", "training_resume_3.log"]
-    attempts = json.loads((save_dir / "checkpoints" / "attempts.json").read_text())
-    assert [a["reason"] for a in attempts] == ["preemption (SIGUSR2)"] * 3 + ["completed"]
-    assert [a["restart_count"] for a in attempts] == [0, 1, 2, 3]
-    stops = [a["stop_step"] for a in attempts[:3]]
-    assert stops == sorted(set(stops)) and stops[-1] < 32  # three different steps
-    run_id = json.loads((save_dir / "wandb_info.json").read_text())["run_id"]
-    runs = list((save_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 4 and all(r.name.endswith(f"-{run_id}") for r in runs)  # one WandB run throughout
+    return reference, save_dir, wait_finished(job_id, 240)
 
 
-def test_max_requeues_is_respected(tmp_path: Path) -> None:
+def bounded_requeues(tmp_path: Path) -> tuple[Path, tuple[str, str, int]]:
+    """Preempted twice with slurm.max_requeues=1."""
     save_dir = tmp_path / "bounded"
     job_id = submit(tmp_path, save_dir, "slurm.max_requeues=1")
     preempt_after_save(job_id, save_dir, 0, 0)
     wait_until(lambda: list((save_dir / "logs").glob("training_resume_1_*.log")), 150, "the rerun")
     preempt_after_save(job_id, save_dir, 1, max(saved_steps(save_dir, 0)))
-    state, code, restarts = wait_finished(job_id, 120)
-    assert restarts == 1 and state == "FAILED", (state, code, restarts)
-    log = next((save_dir / "logs").glob("training_resume_1_*.log")).read_text()
-    assert "not requeueing: slurm.max_requeues=1 reached" in log
-    assert len(json.loads((save_dir / "checkpoints" / "attempts.json").read_text())) == 2
+    return save_dir, wait_finished(job_id, 120)
 
 
-def test_a_crash_is_not_requeued(tmp_path: Path) -> None:
+def crash(tmp_path: Path) -> tuple[Path, tuple[str, str, int]]:
     save_dir = tmp_path / "crashed"
     job_id = submit(tmp_path, save_dir, "model.crash_at_call=5")
-    state, code, restarts = wait_finished(job_id, 120)
-    assert state == "FAILED" and restarts == 0, (state, code, restarts)
-    log = next((save_dir / "logs").glob("training_*.log")).read_text()
-    assert "RuntimeError: crash inside the job" in log and "a crash is not requeued" in log
-    attempts = json.loads((save_dir / "checkpoints" / "attempts.json").read_text())
-    assert [a["reason"] for a in attempts] == ["crash"]
+    return save_dir, wait_finished(job_id, 120)
 
 
-def test_time_limit_requeues_until_done(tmp_path: Path) -> None:
-    """A 2-minute limit, signalled 60 s before (Slurm checks every ~30 s, so 30-60 s into the job): the run
-    needs more than one allocation and gets it."""
+def time_limit(tmp_path: Path) -> tuple[Path, tuple[str, str, int]]:
+    """A 2-minute limit, signalled 60 s before (Slurm checks every ~30 s, so 30-60 s into the job)."""
     save_dir = tmp_path / "timed"
     job_id = submit(
         tmp_path,
@@ -178,17 +161,11 @@ def test_time_limit_requeues_until_done(tmp_path: Path) -> None:
         "slurm.signal_lead_s=60",
         "model.step_seconds=2",  # 32 steps x 2 s: more than an attempt can train before its signal
     )
-    state, code, restarts = wait_finished(job_id, 400)
-    assert state == "COMPLETED" and restarts >= 1, (state, code, restarts)
-    attempts = json.loads((save_dir / "checkpoints" / "attempts.json").read_text())
-    assert attempts[-1]["end"] == "completed"
-    assert all(a["reason"].startswith(("time limit", "preemption")) for a in attempts[:-1])
-    assert any(a["reason"].startswith("time limit") for a in attempts), attempts
-    assert (save_dir / "checkpoint-epoch1-step32" / "manifest.json").exists()
+    return save_dir, wait_finished(job_id, 400)
 
 
-def test_sbatch_template_path_traps_the_signal_and_requeues(tmp_path: Path) -> None:
-    """No submitit: the requeue template's trap forwards the batch shell's signal to the training step."""
+def template_path(tmp_path: Path) -> tuple[Path, tuple[str, str, int]]:
+    """The emitted requeue template submitted with plain sbatch, its batch shell signalled after a save."""
     save_dir = tmp_path / "template"
     emitted = run_submit(
         str(EXAMPLE),
@@ -216,7 +193,95 @@ def test_sbatch_template_path_traps_the_signal_and_requeues(tmp_path: Path) -> N
     )
     wait_until(lambda: any(s > 0 for s in saved_steps(save_dir, 0)), 150, "the first checkpoint")
     slurm("scancel", "--signal=USR2", "--batch", job_id)  # what --signal=B:USR2@lead does before the limit
-    state, code, restarts = wait_finished(job_id, 240)
+    return save_dir, wait_finished(job_id, 240)
+
+
+# test name -> its scenario, the longest first (their jobs get CPUs first).
+DRIVERS = {
+    "test_time_limit_requeues_until_done": time_limit,
+    "test_preempted_three_times_requeues_resumes_and_matches_an_uninterrupted_run": three_preemptions,
+    "test_sbatch_template_path_traps_the_signal_and_requeues": template_path,
+    "test_max_requeues_is_respected": bounded_requeues,
+    "test_a_crash_is_not_requeued": crash,
+}
+
+
+@pytest.fixture(scope="module")
+def scenarios(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    slurm_cluster: None,  # noqa: F811 - the session fixture
+) -> Iterator[Scenarios]:
+    selected = selected_tests(request)
+    running = Scenarios(
+        {
+            name: functools.partial(driver, tmp_path_factory.mktemp(driver.__name__))
+            for name, driver in DRIVERS.items()
+            if name in selected
+        }
+    )
+    yield running
+    running.close()
+
+
+def test_preempted_three_times_requeues_resumes_and_matches_an_uninterrupted_run(
+    scenarios: Scenarios,
+) -> None:
+    reference, save_dir, (state, code, restarts) = scenarios.result(
+        "test_preempted_three_times_requeues_resumes_and_matches_an_uninterrupted_run"
+    )
+    assert (state, restarts) == ("COMPLETED", 3), (state, code, restarts)
+
+    a = load_file(str(reference / "checkpoint-epoch1-step32" / "model.safetensors"))
+    b = load_file(str(save_dir / "checkpoint-epoch1-step32" / "model.safetensors"))
+    assert all(a[k].equal(b[k]) for k in a), "preemption changed the final weights"
+
+    logs = sorted(re.sub(r"_\d{8}_\d{6}", "", p.name) for p in (save_dir / "logs").glob("training_*.log"))
+    assert logs == ["training.log", "training_resume_1.log", "training_resume_2.log", "training_resume_3.log"]
+    attempts = json.loads((save_dir / "checkpoints" / "attempts.json").read_text())
+    assert [a["reason"] for a in attempts] == ["preemption (SIGUSR2)"] * 3 + ["completed"]
+    assert [a["restart_count"] for a in attempts] == [0, 1, 2, 3]
+    stops = [a["stop_step"] for a in attempts[:3]]
+    assert stops == sorted(set(stops)) and stops[-1] < 32  # three different steps
+    run_id = json.loads((save_dir / "wandb_info.json").read_text())["run_id"]
+    runs = list((save_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 4 and all(r.name.endswith(f"-{run_id}") for r in runs)  # one WandB run throughout
+
+
+def test_max_requeues_is_respected(scenarios: Scenarios) -> None:
+    save_dir, (state, code, restarts) = scenarios.result("test_max_requeues_is_respected")
+    assert restarts == 1 and state == "FAILED", (state, code, restarts)
+    log = next((save_dir / "logs").glob("training_resume_1_*.log")).read_text()
+    assert "not requeueing: slurm.max_requeues=1 reached" in log
+    assert len(json.loads((save_dir / "checkpoints" / "attempts.json").read_text())) == 2
+
+
+def test_a_crash_is_not_requeued(scenarios: Scenarios) -> None:
+    save_dir, (state, code, restarts) = scenarios.result("test_a_crash_is_not_requeued")
+    assert state == "FAILED" and restarts == 0, (state, code, restarts)
+    log = next((save_dir / "logs").glob("training_*.log")).read_text()
+    assert "RuntimeError: crash inside the job" in log and "a crash is not requeued" in log
+    attempts = json.loads((save_dir / "checkpoints" / "attempts.json").read_text())
+    assert [a["reason"] for a in attempts] == ["crash"]
+
+
+def test_time_limit_requeues_until_done(scenarios: Scenarios) -> None:
+    """A 2-minute limit, signalled 60 s before (Slurm checks every ~30 s, so 30-60 s into the job): the run
+    needs more than one allocation and gets it."""
+    save_dir, (state, code, restarts) = scenarios.result("test_time_limit_requeues_until_done")
+    assert state == "COMPLETED" and restarts >= 1, (state, code, restarts)
+    attempts = json.loads((save_dir / "checkpoints" / "attempts.json").read_text())
+    assert attempts[-1]["end"] == "completed"
+    assert all(a["reason"].startswith(("time limit", "preemption")) for a in attempts[:-1])
+    assert any(a["reason"].startswith("time limit") for a in attempts), attempts
+    assert (save_dir / "checkpoint-epoch1-step32" / "manifest.json").exists()
+
+
+def test_sbatch_template_path_traps_the_signal_and_requeues(scenarios: Scenarios) -> None:
+    """No submitit: the requeue template's trap forwards the batch shell's signal to the training step."""
+    save_dir, (state, code, restarts) = scenarios.result(
+        "test_sbatch_template_path_traps_the_signal_and_requeues"
+    )
     assert (state, restarts) == ("COMPLETED", 1), (state, code, restarts)
     assert list((save_dir / "logs").glob("training_resume_1_*.log"))
     attempts = json.loads((save_dir / "checkpoints" / "attempts.json").read_text())

@@ -7,15 +7,19 @@ several stops in a row to keep the cost down (~6 minutes for the file on 2 cores
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import subprocess
+import threading
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import quiet_env, run_train, with_plugins
+from conftest import Scenarios, quiet_env, run_train, selected_tests, with_plugins
 from conftest_slurm import slurm, slurm_cluster  # noqa: F401 - the session fixture
 from test_slurm_preemption import SLOW, job_state, submit, wait_finished, wait_until
 
@@ -148,16 +152,97 @@ def ensure_grace_partition() -> None:
         slurm("scontrol", "create", "PartitionName=graced", "Nodes=ALL", "GraceTime=5", "PriorityTier=1")
 
 
-def test_the_time_limit_with_a_too_short_lead_requeues_and_completes(tmp_path: Path) -> None:
-    """A 1-minute limit and a 1-second `signal_lead_s` (Slurm sends the lead signal up to ~60 s early, or
-    not before the limit's SIGTERM): each attempt is recorded as `time_limit`, requeued by tsdia (Slurm never
-    requeues a timeout), and the job completes bitwise equal to an uninterrupted run."""
-    expected = reference(tmp_path)
+# The last two scenarios run at once (see `Scenarios`), after the one above, which stops whole nodes and so runs
+# alone: the filler job holds n2, the crashing job and the time-limited one share n1 (1 CPU each); the time-limited
+# job is submitted only once the filler runs, so that it cannot take a CPU of n2 from it.
+
+
+def short_lead_time_limit(
+    tmp_path: Path, filler_running: threading.Event
+) -> tuple[dict[str, Any], Path, tuple[str, str, int]]:
+    """The uninterrupted reference, and the run with a 1-minute limit and a 1-second lead on Slurm."""
     save_dir = tmp_path / "timed"
+    filler_running.wait(120)
     job_id = submit(
         tmp_path, save_dir, *TRACKED, "slurm.time=0:01:00", "slurm.signal_lead_s=1", "model.step_seconds=1.5"
     )
-    state, code, restarts = wait_finished(job_id, 400)
+    expected = reference(tmp_path)  # trained here while the job runs
+    return expected, save_dir, wait_finished(job_id, 400)
+
+
+def crash_on_every_attempt(
+    tmp_path: Path, filler_running: threading.Event
+) -> tuple[Path, str, tuple[str, str, int]]:
+    """Crashes on every attempt with requeue_on_crash, n2 held by a filler job until two attempts crashed."""
+    try:
+        filler = slurm(
+            "sbatch",
+            "--parsable",
+            "-p",
+            "debug",
+            "-w",
+            "n2",
+            "-c",
+            "2",
+            "-o",
+            "/dev/null",
+            "--wrap",
+            "sleep 600",
+        )
+        filler = filler.strip().split(";")[0]
+        save_dir = tmp_path / "crashing"
+        try:
+            wait_until(lambda: job_state(filler)[0] == "RUNNING", 60, "the filler job on n2")
+            filler_running.set()
+            job_id = submit(
+                tmp_path,
+                save_dir,
+                "model.crash_at_call=2",
+                "training.logging.wandb=false",
+                "slurm.requeue_on_crash=true",
+                "slurm.max_requeues=2",
+            )
+            wait_until(lambda: len(attempts(save_dir)) >= 2, 180, "two crashed attempts")
+            slurm("scancel", filler)
+            return save_dir, job_id, wait_finished(job_id, 180)
+        finally:
+            subprocess.run(["scancel", filler], capture_output=True)
+    finally:
+        filler_running.set()  # never leave the other scenario waiting
+
+
+@pytest.fixture(scope="module")
+def scenarios(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    slurm_cluster: None,  # noqa: F811 - the session fixture
+) -> Iterator[Scenarios]:
+    selected = selected_tests(request)
+    drivers = {
+        "test_the_time_limit_with_a_too_short_lead_requeues_and_completes": short_lead_time_limit,
+        "test_a_node_in_two_failed_attempts_in_a_row_is_excluded_from_the_requeue": crash_on_every_attempt,
+    }
+    filler_running = threading.Event()
+    if "test_a_node_in_two_failed_attempts_in_a_row_is_excluded_from_the_requeue" not in selected:
+        filler_running.set()  # no filler job to wait for
+    running = Scenarios(
+        {
+            name: functools.partial(driver, tmp_path_factory.mktemp(driver.__name__), filler_running)
+            for name, driver in drivers.items()
+            if name in selected
+        }
+    )
+    yield running
+    running.close()
+
+
+def test_the_time_limit_with_a_too_short_lead_requeues_and_completes(scenarios: Scenarios) -> None:
+    """A 1-minute limit and a 1-second `signal_lead_s` (Slurm sends the lead signal up to ~60 s early, or
+    not before the limit's SIGTERM): each attempt is recorded as `time_limit`, requeued by tsdia (Slurm never
+    requeues a timeout), and the job completes bitwise equal to an uninterrupted run."""
+    expected, save_dir, (state, code, restarts) = scenarios.result(
+        "test_the_time_limit_with_a_too_short_lead_requeues_and_completes"
+    )
     assert state == "COMPLETED" and restarts >= 1, (state, code, restarts)
     records = attempts(save_dir)
     assert [a["end"] for a in records] == ["time_limit"] * restarts + ["completed"], records
@@ -169,40 +254,12 @@ def test_the_time_limit_with_a_too_short_lead_requeues_and_completes(tmp_path: P
     assert_same(expected, load_file(str(save_dir / FINAL / "model.safetensors")))
 
 
-def test_a_node_in_two_failed_attempts_in_a_row_is_excluded_from_the_requeue(tmp_path: Path) -> None:
+def test_a_node_in_two_failed_attempts_in_a_row_is_excluded_from_the_requeue(scenarios: Scenarios) -> None:
     """Crashes on every attempt (requeue_on_crash): the first two land on the same node (the other is held
     by a filler job), so the second requeue excludes it and the third attempt runs on the other node."""
-    filler = slurm(
-        "sbatch",
-        "--parsable",
-        "-p",
-        "debug",
-        "-w",
-        "n2",
-        "-c",
-        "2",
-        "-o",
-        "/dev/null",
-        "--wrap",
-        "sleep 600",
+    save_dir, job_id, (state, code, restarts) = scenarios.result(
+        "test_a_node_in_two_failed_attempts_in_a_row_is_excluded_from_the_requeue"
     )
-    filler = filler.strip().split(";")[0]
-    save_dir = tmp_path / "crashing"
-    try:
-        wait_until(lambda: job_state(filler)[0] == "RUNNING", 60, "the filler job on n2")
-        job_id = submit(
-            tmp_path,
-            save_dir,
-            "model.crash_at_call=2",
-            "training.logging.wandb=false",
-            "slurm.requeue_on_crash=true",
-            "slurm.max_requeues=2",
-        )
-        wait_until(lambda: len(attempts(save_dir)) >= 2, 180, "two crashed attempts")
-        slurm("scancel", filler)
-        state, code, restarts = wait_finished(job_id, 180)
-    finally:
-        subprocess.run(["scancel", filler], capture_output=True)
     assert (state, restarts) == ("FAILED", 2), (state, code, restarts)
     records = attempts(save_dir)
     assert [(a["end"], a["nodes"]) for a in records] == [

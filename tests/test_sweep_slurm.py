@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from conftest import quiet_env, run_train, tree, with_plugins
+from conftest import Scenarios, quiet_env, run_train, selected_tests, tree, with_plugins
 from conftest_slurm import (
     EXAMPLE,
     run_submit,
@@ -69,7 +71,13 @@ def signal_once(job_id: str) -> None:
         subprocess.run(["scancel", "--signal=USR2", job_id], timeout=3, capture_output=True, check=False)
 
 
-def test_sweep_array_completes_and_a_preempted_member_resumes_alone(tmp_path: Path) -> None:
+# The first two scenarios run at once (see `Scenarios`): 2 + 1 CPUs of the cluster's 4, and their waits overlap.
+# The third compares squeue before and after, so it runs once they are done (its test comes after theirs).
+
+
+def preempted_member(tmp_path: Path) -> tuple[Path, dict[str, str], str]:
+    """A 2x2 sweep, 2 members at a time; one member preempted after its first save. Meanwhile each member's
+    config trains alone here (the references). Returns the sweep dir, its member jobs, the preempted one."""
     sweep_dir = tmp_path / "lr-sweep"
     done = sweep_submit(
         tmp_path,
@@ -105,6 +113,56 @@ def test_sweep_array_completes_and_a_preempted_member_resumes_alone(tmp_path: Pa
         )
         assert ref.returncode == 0, ref.stderr[-2000:]
     wait_until(lambda: all(finished(job) for job in jobs.values()), 420, "every member to finish")
+    return sweep_dir, jobs, target
+
+
+SEEDS = ["model.step_seconds=0", "--sweep", "training.seed=1,2,3,4", "--parallel", "1"]
+
+
+def cancelled_members(tmp_path: Path) -> tuple[Path, subprocess.CompletedProcess[str], dict[str, object]]:
+    """A 4-member sweep, 1 at a time; the last two cancelled while pending; a resume refused while the array
+    runs, then accepted once it ended (`--wait`). Returns the sweep dir, that resubmission, and the trees of
+    the members that completed before it (as they were then)."""
+    sweep_dir = tmp_path / "seeds"
+    done = sweep_submit(tmp_path, sweep_dir, *SEEDS)
+    assert done.returncode == 0, done.stdout + done.stderr
+    jobs = member_jobs(sweep_dir)
+    slurm("scancel", jobs["seed=3"], jobs["seed=4"])  # still pending behind --parallel 1
+    refused = sweep_submit(tmp_path, sweep_dir, "training.checkpoint.resume=latest", *SEEDS)
+    assert refused.returncode == 2 and "still queued or running" in refused.stderr
+    wait_until(lambda: all(finished(job) for job in jobs.values()), 300, "the array to end")
+    kept = {name: tree(sweep_dir / name) for name in ("seed=1", "seed=2")}
+    again = sweep_submit(tmp_path, sweep_dir, "training.checkpoint.resume=latest", *SEEDS, "--wait")
+    return sweep_dir, again, kept
+
+
+@pytest.fixture(scope="module")
+def scenarios(
+    request: pytest.FixtureRequest,
+    tmp_path_factory: pytest.TempPathFactory,
+    slurm_cluster: None,  # noqa: F811 - the session fixture
+) -> Iterator[Scenarios]:
+    selected = selected_tests(request)
+    drivers = {
+        "test_sweep_array_completes_and_a_preempted_member_resumes_alone": preempted_member,
+        "test_cancelled_members_are_all_a_resubmission_runs": cancelled_members,
+    }
+    running = Scenarios(
+        {
+            name: functools.partial(driver, tmp_path_factory.mktemp(driver.__name__))
+            for name, driver in drivers.items()
+            if name in selected
+        }
+    )
+    yield running
+    running.close()
+
+
+def test_sweep_array_completes_and_a_preempted_member_resumes_alone(scenarios: Scenarios) -> None:
+    sweep_dir, jobs, target = scenarios.result(
+        "test_sweep_array_completes_and_a_preempted_member_resumes_alone"
+    )
+    tmp_path = sweep_dir.parent
     for name, job in jobs.items():
         assert job_state(job)[0] == "COMPLETED", name
         a = load_file(str(tmp_path / "alone" / name / FINAL))
@@ -120,19 +178,8 @@ def test_sweep_array_completes_and_a_preempted_member_resumes_alone(tmp_path: Pa
     assert "lr=3e-4,seed=2" in config and "wandb_group=lr-sweep" in config  # the effective overrides
 
 
-def test_cancelled_members_are_all_a_resubmission_runs(tmp_path: Path) -> None:
-    sweep_dir = tmp_path / "seeds"
-    args = ["model.step_seconds=0", "--sweep", "training.seed=1,2,3,4", "--parallel", "1"]
-    done = sweep_submit(tmp_path, sweep_dir, *args)
-    assert done.returncode == 0, done.stdout + done.stderr
-    jobs = member_jobs(sweep_dir)
-    slurm("scancel", jobs["seed=3"], jobs["seed=4"])  # still pending behind --parallel 1
-    refused = sweep_submit(tmp_path, sweep_dir, "training.checkpoint.resume=latest", *args)
-    assert refused.returncode == 2 and "still queued or running" in refused.stderr
-    wait_until(lambda: all(finished(job) for job in jobs.values()), 300, "the array to end")
-    kept = {name: tree(sweep_dir / name) for name in ("seed=1", "seed=2")}
-
-    again = sweep_submit(tmp_path, sweep_dir, "training.checkpoint.resume=latest", *args, "--wait")
+def test_cancelled_members_are_all_a_resubmission_runs(scenarios: Scenarios) -> None:
+    sweep_dir, again, kept = scenarios.result("test_cancelled_members_are_all_a_resubmission_runs")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "2 member(s)" in again.stdout
     assert re.search(r"seed=3: COMPLETED", again.stdout) and re.search(r"seed=4: COMPLETED", again.stdout)
