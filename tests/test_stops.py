@@ -16,10 +16,14 @@ from safetensors.torch import load_file
 
 from conftest import EXAMPLE, REPO, SMALL, quiet_env, run_train, with_plugins
 from tsdia.cluster import SLURM_FROM_SCRIPT_VAR, detect
-from tsdia.config.schema import SlurmConfig
+from tsdia.config.loader import config_from_dict
+from tsdia.config.schema import ConfigSource, SlurmConfig
 from tsdia.errors import EXIT_INTERRUPTED, EXIT_STOPPED
 from tsdia.experiment.attempts import AttemptRecord, nodes_to_exclude, read_attempts
 from tsdia.training.after_stop import StopFlow
+from tsdia.training.attempt import Attempt, decide_on_rank_zero
+from tsdia.training.logging_utils import record_wandb_loss, reserve_wandb_run, save_wandb_info
+from tsdia.training.tracker_startup import BackgroundTrackers
 from tsdia.training.trackers import Trackers, WandbSettings, WandbTracker
 
 pytestmark = pytest.mark.slow
@@ -361,3 +365,49 @@ def test_a_container_job_leaves_slurm_to_its_script(
         assert "the job script requeues the job" in capsys.readouterr().out
     else:
         assert "show job" in calls.read_text() and "requeue 77" in calls.read_text()
+
+
+def test_the_wandb_run_id_is_fixed_before_wandb_starts(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop's SIGTERM reaches wandb-core too; if it kills it while WandB starts (in the background), the
+    attempt records the loss, and the requeued attempt must still continue the same run, not open another."""
+    for key, value in quiet_env(tmp_path).items():
+        if key.startswith("WANDB_"):
+            monkeypatch.setenv(key, value)
+    settings = WandbSettings("p", None, "r", "offline", str(tmp_path))
+    run_id = reserve_wandb_run(tmp_path, settings)  # what start_trackers does before the background start
+    record_wandb_loss(tmp_path, 0, 0, RuntimeError("wandb-core killed while starting"))
+    info = json.loads((tmp_path / "wandb_info.json").read_text())
+    assert info["run_id"] == run_id and info["lost"][0]["since_step"] == 0
+    assert reserve_wandb_run(tmp_path, settings) == run_id  # the next attempt
+    tracker = WandbTracker(settings, {}, run_id)  # real wandb, offline: the run takes the reserved id
+    try:
+        assert tracker.run.id == run_id
+        save_wandb_info(tracker, tmp_path)
+    finally:
+        tracker.finish()
+    info = json.loads((tmp_path / "wandb_info.json").read_text())
+    assert info["run_id"] == run_id and info["lost"] and info["offline_run_dir"]
+
+
+def test_start_trackers_records_the_run_id_before_wandb_is_let_start(tmp_path: Path) -> None:
+    """The order that matters: wandb_info.json has the run id while the background start still waits."""
+    raw = {
+        "training": {
+            "checkpoint": {"save_dir": str(tmp_path / "exp")},
+            "logging": {"wandb": True, "wandb_mode": "offline", "tensorboard": False},
+        }
+    }
+    config = config_from_dict(raw, ConfigSource(path=""))
+    cluster = detect({})
+    decision, lock = decide_on_rank_zero(config, cluster)
+    attempt = Attempt(config, cluster, decision, lock)
+    try:
+        trackers = attempt.start_trackers({}, start_step=0)
+        assert isinstance(trackers, BackgroundTrackers) and not trackers._ready.is_set()  # WandB not started
+        run_id = json.loads((tmp_path / "exp" / "wandb_info.json").read_text())["run_id"]
+        assert len(run_id) == 8 and run_id.isalnum()
+    finally:
+        if lock is not None:
+            lock.release()

@@ -32,10 +32,16 @@ from tsdia.experiment.layout import CONFIG_FILE, LOGS_DIR, RANK_LOGS_DIR, STORE_
 from tsdia.experiment.lock import ExperimentLock
 from tsdia.fileio import atomic_write_text
 from tsdia.training.distributed import barrier, broadcast_object
-from tsdia.training.logging_utils import init_trackers, record_wandb_loss, save_wandb_info, setup_file_logger
+from tsdia.training.logging_utils import (
+    init_trackers,
+    record_wandb_loss,
+    reserve_wandb_run,
+    save_wandb_info,
+    setup_file_logger,
+)
 from tsdia.training.tee import ConsoleTee
 from tsdia.training.tracker_startup import BackgroundTrackers
-from tsdia.training.trackers import Tracker, Trackers, WandbSettings, WandbTracker, read_wandb_run_id
+from tsdia.training.trackers import Tracker, Trackers, WandbSettings, WandbTracker
 
 logger = logging.getLogger(__name__)
 
@@ -202,6 +208,8 @@ class Attempt:
                 save_dir=str(self.save_dir),
             )
         resuming = self.decision.action == "resume"
+        # Now, not in the background start: a stop before WandB is up must still leave the run id behind.
+        run_id = reserve_wandb_run(self.save_dir, wandb_settings) if wandb_settings is not None else None
         config_yaml = effective_yaml(self.config) if self.config.source.path else json.dumps(full_config)
 
         def start() -> Trackers:
@@ -226,7 +234,7 @@ class Attempt:
                 wandb=wandb_settings,
                 start_step=start_step,
                 resuming=resuming,
-                wandb_run_id=read_wandb_run_id(str(self.save_dir)) if resuming else None,
+                wandb_run_id=run_id,
             )
             if wandb_tracker is not None:
                 save_wandb_info(wandb_tracker, self.save_dir)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from tsdia.training.trackers import (
     Trackers,
     WandbSettings,
     WandbTracker,
+    resolve_wandb_mode,
 )
 
 QUIET_LOGGERS = ("accelerate.checkpointing", "accelerate.accelerator")
@@ -91,6 +93,34 @@ def save_wandb_info(tracker: WandbTracker, save_dir: str | Path) -> dict[str, An
         info["lost"] = lost
     atomic_write_text(Path(save_dir) / WANDB_INFO, json.dumps(info, indent=2))
     return info
+
+
+def reserve_wandb_run(save_dir: str | Path, settings: WandbSettings) -> str:
+    """Fix this experiment's WandB run id in `wandb_info.json` before WandB starts; returns it.
+
+    WandB starts in the background while training begins: a stop that came before it had created the
+    run would otherwise leave no id behind, and the requeued attempt would open a second run. The id
+    an earlier attempt recorded is kept; `save_wandb_info` completes the file once the run is up.
+    """
+    info = _read_wandb_info(save_dir)
+    run_id = info.get("run_id")
+    if isinstance(run_id, str) and run_id:
+        return run_id
+    run_id = "".join(secrets.choice(_RUN_ID_ALPHABET) for _ in range(8))  # WandB's own id shape
+    info.update(
+        run_id=run_id,
+        run_name=settings.run_name,
+        run_url=None,
+        project=settings.project,
+        entity=settings.entity,
+        timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        mode=resolve_wandb_mode(settings.mode),
+    )
+    atomic_write_text(Path(save_dir) / WANDB_INFO, json.dumps(info, indent=2))
+    return run_id
+
+
+_RUN_ID_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
 
 
 def record_wandb_loss(save_dir: str | Path, attempt: int, since_step: int, error: BaseException) -> None:

@@ -236,11 +236,3 @@ def has_wandb_credentials() -> bool:
         return False
     base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai").split("://")[-1].split("/")[0]
     return base in hosts
-
-
-def read_wandb_run_id(save_dir: str) -> str | None:
-    """The run id an earlier attempt recorded, so a resume continues the same WandB run."""
-    try:
-        return json.loads((Path(save_dir) / WANDB_INFO).read_text()).get("run_id")
-    except (OSError, ValueError):
-        return None
