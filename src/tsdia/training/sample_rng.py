@@ -8,7 +8,9 @@ sampler hands each index over together with its epoch (robust to persistent work
 attribute changes made after they start, and to Accelerate rebuilding the DataLoader around it), and
 the dataset wrapper seeds the global RNGs from (seed, epoch, index) right before the user's
 `__getitem__` runs: in the worker, or in the main process (`num_workers: 0`), where the main
-process's own RNG states are saved and restored around each batch of samples.
+process's own RNG states are saved and restored around each batch of samples. Only the RNGs the
+dataset is seen drawing from are seeded; see `SeededSamples`. (Seeding, saving and comparing the RNGs
+themselves is `tsdia.training.global_rngs`.)
 
 User code that keeps generators of its own gets the current sample's seed from `sample_seed()` or a
 ready `torch.Generator` from `sample_generator()`.
