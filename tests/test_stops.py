@@ -77,10 +77,18 @@ def wait_for_wandb(save_dir: Path, proc: subprocess.Popen[str], timeout: float =
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and proc.poll() is None:
         cores = children_named(proc.pid, "wandb-core")
-        if cores and (save_dir / "wandb_info.json").exists():
+        if cores and _wandb_run_started(save_dir):
             return cores
         time.sleep(0.2)
     return children_named(proc.pid, "wandb-core")
+
+
+def _wandb_run_started(save_dir: Path) -> bool:
+    """wandb_info.json holds the run id from the attempt's start; the offline run directory once WandB is up."""
+    try:
+        return bool(json.loads((save_dir / "wandb_info.json").read_text()).get("offline_run_dir"))
+    except (OSError, ValueError):
+        return False
 
 
 def children_named(pid: int, name: str) -> list[int]:
@@ -154,7 +162,9 @@ def test_sigterm_to_every_process_saves_and_resumes_bitwise(tmp_path: Path) -> N
     log = next((save_dir / "logs").glob("training_*.log")).read_text()
     assert "Traceback" not in log and "Received SIGTERM" in log
     after = saved_steps(save_dir)
-    assert after[-1] > before[-1], (before, after)  # the stop checkpoint
+    # The stop checkpoint: a new one, or the interval checkpoint of the very step the stop was agreed at
+    # (the signal can land between that save and the stop check); the attempt record below says which.
+    assert after[-1] >= before[-1], (before, after)
     (attempt,) = read_attempts(save_dir)
     assert (attempt.end, attempt.reason, attempt.stop_step) == (
         "signalled",
