@@ -71,6 +71,7 @@ class _RawMt19937:
     def save(self) -> tuple[bytes, float | None]:
         raw = ctypes.string_at(self.address, self.STATE_BYTES)
         if raw == self._uncached:
+            # (Only a `set_state` to these very bytes with a deviate cached could make this wrong.)
             return raw, None
         deviate = self.legacy.standard_normal()
         saved = raw, deviate if ctypes.string_at(self.address, self.STATE_BYTES) == raw else None
