@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -96,6 +97,24 @@ class Scenarios:
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(drivers)), thread_name_prefix="scenario")
         # Dicts keep their order: the longest scenarios first, so their jobs get CPUs first.
         self._futures = {name: self._pool.submit(driver) for name, driver in drivers.items()}
+
+    @classmethod
+    def for_selected(
+        cls,
+        request: pytest.FixtureRequest,
+        tmp_path_factory: pytest.TempPathFactory,
+        drivers: dict[str, Callable[..., Any]],
+        *args: Any,
+    ) -> Scenarios:
+        """Start the drivers of the tests this session runs, each in its own temporary directory (then `args`)."""
+        selected = selected_tests(request)
+        return cls(
+            {
+                name: functools.partial(driver, tmp_path_factory.mktemp(driver.__name__), *args)
+                for name, driver in drivers.items()
+                if name in selected
+            }
+        )
 
     def result(self, name: str, timeout: float = 900) -> Any:
         return self._futures[name].result(timeout=timeout)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import Scenarios, quiet_env, run_train, selected_tests, with_plugins
+from conftest import Scenarios, quiet_env, run_train, with_plugins
 from conftest_slurm import (
     EXAMPLE,
     run_submit,
@@ -212,14 +211,7 @@ def scenarios(
     tmp_path_factory: pytest.TempPathFactory,
     slurm_cluster: None,  # noqa: F811 - the session fixture
 ) -> Iterator[Scenarios]:
-    selected = selected_tests(request)
-    running = Scenarios(
-        {
-            name: functools.partial(driver, tmp_path_factory.mktemp(driver.__name__))
-            for name, driver in DRIVERS.items()
-            if name in selected
-        }
-    )
+    running = Scenarios.for_selected(request, tmp_path_factory, DRIVERS)
     yield running
     running.close()
 

@@ -7,7 +7,6 @@ several stops in a row to keep the cost down (~6 minutes for the file on 2 cores
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 import subprocess
@@ -225,13 +224,7 @@ def scenarios(
     filler_running = threading.Event()
     if "test_a_node_in_two_failed_attempts_in_a_row_is_excluded_from_the_requeue" not in selected:
         filler_running.set()  # no filler job to wait for
-    running = Scenarios(
-        {
-            name: functools.partial(driver, tmp_path_factory.mktemp(driver.__name__), filler_running)
-            for name, driver in drivers.items()
-            if name in selected
-        }
-    )
+    running = Scenarios.for_selected(request, tmp_path_factory, drivers, filler_running)
     yield running
     running.close()
 

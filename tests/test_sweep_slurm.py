@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import re
 import subprocess
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import Scenarios, quiet_env, run_train, selected_tests, tree, with_plugins
+from conftest import Scenarios, quiet_env, run_train, tree, with_plugins
 from conftest_slurm import (
     EXAMPLE,
     run_submit,
@@ -142,18 +141,11 @@ def scenarios(
     tmp_path_factory: pytest.TempPathFactory,
     slurm_cluster: None,  # noqa: F811 - the session fixture
 ) -> Iterator[Scenarios]:
-    selected = selected_tests(request)
     drivers = {
         "test_sweep_array_completes_and_a_preempted_member_resumes_alone": preempted_member,
         "test_cancelled_members_are_all_a_resubmission_runs": cancelled_members,
     }
-    running = Scenarios(
-        {
-            name: functools.partial(driver, tmp_path_factory.mktemp(driver.__name__))
-            for name, driver in drivers.items()
-            if name in selected
-        }
-    )
+    running = Scenarios.for_selected(request, tmp_path_factory, drivers)
     yield running
     running.close()
 
