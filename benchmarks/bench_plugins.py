@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import torch
+from baton import BatonClient
 
 from tsdia.examples.tsvad import TargetSpeakerVAD
 
@@ -41,6 +42,9 @@ class StepWindowTimer:
     (wandb's service) spent in the same window are recorded too: a figure that other load on a shared
     machine disturbs far less than wall time. The result goes to `$BENCH_TIMING_FILE` as JSON.
     Validation calls (`self.training` false) are not counted.
+
+    With `$BENCH_BATON` set, the model times blocks of steps instead, taking turns with the other
+    variants (`baton.BatonClient`); the parent collects the times.
     """
 
     training: bool
@@ -54,12 +58,18 @@ class StepWindowTimer:
         self.cpu_started = (0.0, 0.0)
         self.thread_started = 0.0
         self.threads = pin_threads()
+        self.baton = BatonClient.from_env()
 
     def tick(self, batch: dict[str, torch.Tensor]) -> None:
         """Call at the start of forward."""
         if not self.training:
             return
         self.calls += 1
+        if self.baton is not None:
+            self.baton.tick(
+                lambda: self.calls > self.timing_warmup and _trackers_started(), lambda: _sync(batch)
+            )
+            return
         if self.started is None and self.calls > self.timing_warmup and _trackers_started():
             _sync(batch)
             self.started = time.perf_counter()

@@ -1,6 +1,6 @@
 """Steady-state optimizer steps/s: tsdia's Trainer vs a bare Accelerate loop vs PyTorch Lightning.
 
-    python benchmarks/trainer_overhead.py [--runs 3] [--warmup 10] [--steps 100] [--threads 1]
+    python benchmarks/trainer_overhead.py [--runs 3] [--warmup 10] [--steps 100] [--block-steps 2] [--small]
 
 Goal: tsdia >= 0.98x the bare loop, and ahead of Lightning.
 
@@ -16,29 +16,27 @@ fresh process with the same pinned thread count (`OMP_NUM_THREADS`, `torch.set_n
 - **lightning**: `lightning.Trainer` with TensorBoardLogger + WandbLogger (offline), a LearningRateMonitor,
   ModelCheckpoint every `--checkpoint-interval` steps, the progress bar and `gradient_clip_val`.
 
-How steady state is measured: the model itself (`bench_plugins.TimedTSVAD`, or `TimedMLP` with
-`--small`, loaded into every variant) reads `time.perf_counter()` at the start of the first training
-forward call after `warmup` steps and `steps` calls later. In the variants that log to WandB the window
-waits until WandB has started: tsdia starts its trackers in a background thread after the first step,
-and importing wandb and `wandb.init` (seconds of CPU) is start-up, which the others pay before their
-first step; every run has `--slack` extra steps for that wait. The window holds exactly `steps` whole
-optimizer steps, with their data loading, logging and the checkpoints that fall inside it (at the
-default settings two), and excludes start-up (imports, tracker init, the first steps' warm-up) and the
-end (final validation and checkpoint, tracker shutdown). steps/s = steps / window.
+How steady state is measured: every variant of a launch starts at once, in its own process. The model
+(`bench_plugins.TimedTSVAD`, or `TimedMLP` with `--small`, loaded into every variant) joins the
+parent's baton ring (`baton.py`) at the start of its first training forward call after `warmup` steps;
+in the variants that log to WandB only once WandB has started (tsdia starts its trackers in a background
+thread after the first step, and importing wandb and `wandb.init`, seconds of CPU, is start-up, which
+the others pay before their first step; every run has `--slack` extra steps for that wait). The parent
+then hands out turns: each variant in turn runs `--block-steps` whole optimizer steps (with their data
+loading, logging and the checkpoints that fall inside them) while the others wait, round after round,
+in an order rotated every round, until each has run `--steps` timed steps. Start-up and the end
+(final validation and checkpoint, tracker shutdown) are never timed. steps/s = timed steps / the sum of
+a variant's block times, over all launches.
 
-Runs are interleaved (round r runs every variant once, in an order rotated by r) so a slow spell of
-this shared machine hits every variant alike; the median of each variant's runs is reported. Other
-people's jobs on a shared machine take the core away in spells of seconds, which can cost a run 30%.
-Every variant is compute-bound on one thread, so its process tree (including wandb's service) uses
-about one core's worth of CPU time over the window when the machine leaves it alone; a run whose
-CPU time / wall time falls below `--min-cpu-share` (0.9) was disturbed and is rerun (at most
-`--retries` times; the count is printed). tsdia's own waits (a whole checkpoint save, fsync included,
-takes 10-20 ms here) are far below that threshold. Steps per CPU-second are reported too (of the
-process tree, of the training process, of its training thread): figures that load on the machine
-disturbs less than wall time, though a neighbour can still slow the work itself. Threads
-default to 1: on a 2-core machine where the trackers' helper processes (wandb's service) and the tee's
-thread need a core too, 2 torch threads would measure CPU oversubscription, not the kit; on a GPU
-node those helpers run on otherwise idle cores.
+Why blocks: whole runs one after another could not resolve 5% on this shared VM (two identical bare
+loops a minute apart differed by up to 25%: its speed drifts over seconds to minutes). Taking turns
+every ~0.1 s puts every variant under the same drift, and the training threads of all variants are
+pinned to one CPU (`--cpu`; the two vCPUs differ), so two identical bare loops (`bare-again`, the A/A
+check) land within ~2%. Helper threads and processes (the tee, WandB's service) run on the other core,
+as they would on a GPU node's spare cores. The training thread's CPU time per step is printed too, and
+how many blocks got less than 90% of a CPU (load from outside, or a variant's own waits). Threads
+default to 1: on a 2-core machine where the trackers' helper processes and the tee's thread need a
+core too, 2 torch threads would measure CPU oversubscription, not the kit.
 
 Extra variants (`--variants`): `tsdia-quiet` (tsdia without trackers and progress bar: splits the cost
 up), `tsdia-unseeded` (without the per-sample RNG seeding that makes on-the-fly augmentation exact: its
@@ -51,21 +49,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
-from common import (
-    EXAMPLE_CONFIG,
-    child_env,
-    component_kwargs,
-    example_sections,
-    fmt_runs,
-    median,
-    ratio_line,
-    run_logged,
-)
+from baton import Ring, pinned_cpu
+from common import EXAMPLE_CONFIG, child_env, component_kwargs, example_sections, fmt_runs, ratio_line
 
 VARIANTS = ("bare", "tsdia", "lightning")
 # tsdia-quiet: tsdia without trackers or progress bar (splits the cost up); tsdia-unseeded: tsdia without
@@ -247,11 +238,13 @@ def child_lightning(s: dict[str, Any], out_dir: Path) -> None:
     trainer.fit(Module(), train_dataloaders=loader)
 
 
-def run_variant(variant: str, s: dict[str, Any], tmp: Path, index: int, threads: int) -> dict[str, Any]:
-    out_dir = tmp / f"{variant}-{index}"
+def start_variant(
+    variant: str, s: dict[str, Any], tmp: Path, launch: int, threads: int, baton: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], Path]:
+    """Start one variant's process (it joins the ring when its timed steps begin); its log file."""
+    out_dir = tmp / f"{variant}-{launch}"
     out_dir.mkdir()
-    timing = out_dir / "timing.json"
-    env = child_env(tmp, threads, BENCH_TIMING_FILE=str(timing))
+    env = child_env(tmp, threads, **baton)
     if variant in ("tsdia", "tsdia-unseeded", "lightning"):  # the variants that log to WandB
         env["BENCH_WAIT_FOR_WANDB"] = "1"
     if variant.startswith("tsdia"):
@@ -263,39 +256,69 @@ def run_variant(variant: str, s: dict[str, Any], tmp: Path, index: int, threads:
         spec.write_text(json.dumps(s))
         child = "bare" if variant == "bare-again" else variant
         cmd = [sys.executable, __file__, "--child", child, "--child-settings", str(spec)]
-    run_logged(cmd, env, out_dir / "output.log", cwd=out_dir)
-    if not timing.exists():
-        sys.exit(f"{variant}: the model wrote no timing (see {out_dir / 'output.log'})")
-    result: dict[str, Any] = json.loads(timing.read_text())
-    return result
+    log = out_dir / "output.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(cmd, env=env, cwd=out_dir, stdout=out, stderr=subprocess.STDOUT)
+    return process, log
+
+
+def launch(
+    variants: list[str], s: dict[str, Any], tmp: Path, index: int, args: argparse.Namespace, cpu: int | None
+) -> dict[str, list[tuple[float, float]]]:
+    """One launch: every variant at once, taking turns block by block; each variant's (wall, CPU) per block."""
+    directory = tmp / f"launch-{index}"
+    directory.mkdir()
+    ring = Ring(directory)
+    started = {
+        v: start_variant(v, s, directory, index, args.threads, ring.env(v, args.block_steps, cpu))
+        for v in variants
+    }
+    processes = {v: process for v, (process, _) in started.items()}
+    try:
+        ring.gather(processes, {v: log for v, (_, log) in started.items()})
+        blocks: dict[str, list[tuple[float, float]]] = {v: [] for v in variants}
+        for b in range(args.steps // args.block_steps):
+            for variant in variants[b % len(variants) :] + variants[: b % len(variants)]:
+                blocks[variant].append(ring.turn(variant))
+        ring.stop(variants)
+        for variant, (process, log) in started.items():
+            if process.wait() != 0:
+                tail = log.read_text(errors="replace")[-4000:]
+                sys.exit(f"{variant} failed (exit {process.returncode}):\n{tail}")
+    finally:
+        for process in processes.values():
+            if process.poll() is None:
+                process.kill()
+    return blocks
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--runs", type=int, default=3, help="runs of each variant, interleaved")
-    parser.add_argument("--warmup", type=int, default=10, help="steps before the timed window")
-    parser.add_argument("--steps", type=int, default=100, help="optimizer steps in the timed window")
+    parser.add_argument(
+        "--runs", type=int, default=3, help="launches; each runs every variant once, interleaved"
+    )
+    parser.add_argument("--warmup", type=int, default=10, help="steps before the timed blocks")
+    parser.add_argument("--steps", type=int, default=100, help="timed optimizer steps per variant and launch")
+    parser.add_argument(
+        "--block-steps", type=int, help="steps per turn (default: 20 with --small, else 2); divides --steps"
+    )
     parser.add_argument(
         "--slack",
         type=int,
-        help="extra steps in every run, so the window can wait for WandB's start (default: 3000 with --small, "
+        help="extra steps in every run, so the timing can wait for WandB's start (default: 3000 with --small, "
         "else 100)",
     )
     parser.add_argument("--checkpoint-interval", type=int, default=50, help="0: no interval checkpoints")
     parser.add_argument("--log-interval", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1, help="torch/OMP threads in every variant")
     parser.add_argument(
-        "--small", action="store_true", help="a tiny model: ~1-2 ms steps (per-step overhead)"
+        "--cpu", type=int, help="the CPU every training thread is pinned to (default: the last; -1: none)"
     )
     parser.add_argument(
-        "--min-cpu-share",
-        type=float,
-        default=0.9,
-        help="a run whose process tree got less of a core than this was disturbed by other load: rerun it",
+        "--small", action="store_true", help="a tiny model: ~1-2 ms steps (per-step overhead)"
     )
-    parser.add_argument("--retries", type=int, default=2, help="reruns of a disturbed run (then it is kept)")
     parser.add_argument(
         "--variants",
         default=",".join(VARIANTS),
@@ -324,89 +347,71 @@ def main() -> None:
             variants.remove("lightning")
     if args.slack is None:
         args.slack = 3000 if args.small else 100
+    if args.block_steps is None:
+        args.block_steps = 20 if args.small else 2
+    if args.steps % args.block_steps:
+        parser.error(f"--steps {args.steps} is not a multiple of --block-steps {args.block_steps}")
+    cpu = pinned_cpu(args.cpu)
     s = settings(args)
     print(
-        f"{args.steps} timed steps after {args.warmup} warm-up steps, batch {s['batch_size']}, "
-        f"checkpoint every {args.checkpoint_interval or 'never'}, log every {args.log_interval}, "
-        f"{args.threads} thread(s), {args.runs} interleaved runs per variant",
+        f"{args.steps} timed steps per variant and launch in blocks of {args.block_steps}, after "
+        f"{args.warmup} warm-up steps; batch {s['batch_size']}, checkpoint every "
+        f"{args.checkpoint_interval or 'never'}, log every {args.log_interval}, {args.threads} thread(s), "
+        f"training threads on CPU {cpu if cpu is not None else 'any'}; {args.runs} launch(es)",
         flush=True,
     )
-    rates: dict[str, list[float]] = {v: [] for v in variants}
-    cpu_rates: dict[str, list[float]] = {v: [] for v in variants}
-    main_rates: dict[str, list[float]] = {v: [] for v in variants}
-    thread_rates: dict[str, list[float]] = {v: [] for v in variants}
-    helper_shares: dict[str, list[float]] = {v: [] for v in variants}
-    threads_seen: set[int] = set()
-    disturbed = dict.fromkeys(variants, 0)
+    launches: list[dict[str, list[tuple[float, float]]]] = []
     with tempfile.TemporaryDirectory(prefix="tsdia-bench-") as tmp_name:
         tmp = Path(args.keep or tmp_name)
         tmp.mkdir(parents=True, exist_ok=True)
         for r in range(args.runs):
-            order = variants[r % len(variants) :] + variants[: r % len(variants)]
-            for variant in order:
-                for attempt in range(args.retries + 1):
-                    timing = run_variant(variant, s, tmp, r * 100 + attempt, args.threads)
-                    share = timing["cpu_s"] / timing["window_s"]  # of one core, by the whole process tree
-                    rate = timing["steps"] / timing["window_s"]
-                    cpu_rate = timing["steps"] / timing["cpu_s"]
-                    helpers = timing["cpu_helpers_s"] / timing["window_s"]
-                    note = ""
-                    if share < args.min_cpu_share:
-                        disturbed[variant] += 1
-                        retry = attempt < args.retries
-                        note = f"  disturbed: CPU share {share:.2f} ({'retrying' if retry else 'kept'})"
-                    print(
-                        f"  run {r + 1}/{args.runs} {variant:12s} {rate:7.2f} steps/s "
-                        f"{cpu_rate:7.2f} steps/CPU-s, helper processes {helpers:.1%} of a core{note}",
-                        flush=True,
-                    )
-                    if share >= args.min_cpu_share or attempt == args.retries:
-                        break
-                threads_seen.add(timing["threads"])
-                rates[variant].append(rate)
-                cpu_rates[variant].append(cpu_rate)
-                main_rates[variant].append(timing["steps"] / timing["cpu_main_s"])
-                thread_rates[variant].append(timing["steps"] / timing["cpu_training_thread_s"])
-                helper_shares[variant].append(helpers)
-    if len(threads_seen) != 1:
-        sys.exit(f"variants ran with different torch thread counts: {sorted(threads_seen)}")
-    if any(disturbed.values()):
-        print(f"runs disturbed by other load (CPU share < {args.min_cpu_share}), rerun: {disturbed}")
-    medians = {v: median(rates[v]) for v in variants}
-    cpu_medians = {v: median(cpu_rates[v]) for v in variants}
+            launches.append(launch(variants, s, tmp, r, args, cpu))
+            rates = {v: args.steps / sum(w for w, _ in launches[-1][v]) for v in variants}
+            print(
+                f"  launch {r + 1}/{args.runs}: "
+                + ", ".join(f"{v} {rates[v]:.1f}" for v in variants)
+                + " steps/s",
+                flush=True,
+            )
+    report(variants, launches, args)
+
+
+def report(
+    variants: list[str], launches: list[dict[str, list[tuple[float, float]]]], args: argparse.Namespace
+) -> None:
+    """Steps/s over all launches' blocks, per-step overhead in microseconds, and the ratio lines."""
+    steps = args.steps * len(launches)
+    wall = {v: sum(w for blocks in launches for w, _ in blocks[v]) for v in variants}
+    cpu = {v: sum(c for blocks in launches for _, c in blocks[v]) for v in variants}
+    rate = {v: steps / wall[v] for v in variants}
     print(
-        f"{'variant':12s} {'median steps/s':>14s} {'steps/CPU-s':>12s} {'process':>8s} {'thread':>7s} "
-        f"{'helpers':>8s}  runs (steps/s)"
+        f"{'variant':14s} {'steps/s':>8s} {'ms/step':>8s} {'thread CPU ms/step':>19s}  per launch (steps/s)"
     )
     for v in variants:
+        per_launch = [args.steps / sum(w for w, _ in blocks[v]) for blocks in launches]
         print(
-            f"{v:12s} {medians[v]:14.2f} {cpu_medians[v]:12.2f} {median(main_rates[v]):8.2f} "
-            f"{median(thread_rates[v]):7.2f} "
-            f"{median(helper_shares[v]):8.1%}  {fmt_runs(rates[v])}"
+            f"{v:14s} {rate[v]:8.2f} {wall[v] / steps * 1e3:8.3f} {cpu[v] / steps * 1e3:19.3f}  "
+            f"{fmt_runs(per_launch)}"
         )
+    disturbed = {v: sum(c < 0.9 * w for blocks in launches for w, c in blocks[v]) for v in variants}
     print(
-        "(steps per CPU-second of: the whole process tree; the training process (all its threads); its "
-        "training thread alone. helpers: CPU of its child processes, e.g. wandb's service, as a share of one core)"
+        f"blocks whose training thread got < 90% of its CPU (other load, or the variant's own waits): {disturbed} "
+        f"of {steps // args.block_steps} each"
     )
-    # CPU seconds of the whole process tree per step: much less disturbed by other load than wall time.
-    if "tsdia" in variants:
-        print(
-            ratio_line("tsdia/bare steps per CPU-second", "info", cpu_medians["tsdia"] / cpu_medians["bare"])
-        )
-    for v in variants:
-        if v not in ("bare", "tsdia"):
-            print(ratio_line(f"{v}/bare", "info", medians[v] / medians["bare"]))
-    if "tsdia" in variants and "lightning" in variants:
-        print(ratio_line("tsdia/lightning", "> 1x", medians["tsdia"] / medians["lightning"]))
-    for v in variants:  # what each variant adds to a step, in microseconds (wall time, medians)
+    for v in variants:  # what each variant adds to a step, in microseconds
         if v != "bare":
             print(
-                f"per-step overhead {v} vs bare: {(1 / medians[v] - 1 / medians['bare']) * 1e6:+.0f} us "
-                f"(bare step {1e3 / medians['bare']:.2f} ms)"
+                f"per-step overhead {v} vs bare: {(wall[v] - wall['bare']) / steps * 1e6:+.0f} us "
+                f"(bare step {wall['bare'] / steps * 1e3:.3f} ms)"
             )
+    for v in variants:
+        if v not in ("bare", "tsdia"):
+            print(ratio_line(f"{v}/bare", "info", rate[v] / rate["bare"]))
+    if "tsdia" in variants and "lightning" in variants:
+        print(ratio_line("tsdia/lightning", "> 1x", rate["tsdia"] / rate["lightning"]))
     if "tsdia" in variants:
         goal = ">= 0.95x" if args.small else ">= 0.98x"
-        print(ratio_line("tsdia/bare", goal, medians["tsdia"] / medians["bare"]))
+        print(ratio_line("tsdia/bare", goal, rate["tsdia"] / rate["bare"]))
 
 
 if __name__ == "__main__":
