@@ -3,35 +3,51 @@
 from __future__ import annotations
 
 import importlib.util
+import inspect
 from typing import Any
 
 import pytest
 import torch
 from accelerate import Accelerator
 
-from tsdia.training.distributed import cache_package_probes
+from tsdia.training.distributed import cache_per_step_probes
 
 
-def test_optimizer_steps_search_no_packages(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Accelerate asks importlib whether lomo_optim is installed on every optimizer step (a sys.path
-    search, ~100 us); tsdia answers from a cache, so a step makes no importlib lookup at all."""
-    cache_package_probes()
+def test_optimizer_steps_ask_accelerate_s_per_step_questions_only_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On every optimizer step Accelerate asks importlib whether lomo_optim is installed (a sys.path
+    search, ~100 us) and inspects `zero_grad`'s signature (~35 us); tsdia answers both from a cache, so
+    after the first step a step makes no importlib lookup and computes no signature."""
+    cache_per_step_probes()
+    cache_per_step_probes()  # idempotent: the trainer builds an Accelerator per attempt
     accelerator = Accelerator(cpu=True)
     model = torch.nn.Linear(4, 4)
     model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters()))
-    lookups: list[str] = []
-    real = importlib.util.find_spec
 
-    def counting(name: str, *args: Any, **kwargs: Any) -> Any:
-        lookups.append(name)
-        return real(name, *args, **kwargs)
-
-    monkeypatch.setattr(importlib.util, "find_spec", counting)
-    for _ in range(3):
+    def step() -> None:
         accelerator.backward(model(torch.randn(2, 4)).sum())
         optimizer.step()
         optimizer.zero_grad()
+
+    step()  # the first step fills the caches
+    lookups: list[str] = []
+    real_find_spec, real_signature = importlib.util.find_spec, inspect.signature
+
+    def counting_find_spec(name: str, *args: Any, **kwargs: Any) -> Any:
+        lookups.append(name)
+        return real_find_spec(name, *args, **kwargs)
+
+    def counting_signature(obj: Any, *args: Any, **kwargs: Any) -> Any:
+        lookups.append(f"signature of {obj}")
+        return real_signature(obj, *args, **kwargs)
+
+    monkeypatch.setattr(importlib.util, "find_spec", counting_find_spec)
+    monkeypatch.setattr(inspect, "signature", counting_signature)
+    for _ in range(3):
+        step()
     assert lookups == []
+    assert all(parameter.grad is None for parameter in model.parameters())  # zero_grad still sets to None
 
 
 class _Recorder:
