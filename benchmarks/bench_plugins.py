@@ -167,8 +167,9 @@ def _trackers_started() -> bool:
     wandb = sys.modules.get("wandb")
     if wandb is None or getattr(wandb, "run", None) is None:
         return False
-    # tsdia's start-up thread goes on after wandb.init (TensorBoard, the run's records): wait for its end.
-    return not any(thread.name == "tsdia-trackers" for thread in threading.enumerate())
+    # tsdia's tracker thread goes on after wandb.init (TensorBoard, the run's records) before it is renamed
+    # from "tsdia-trackers-starting" to "tsdia-trackers" (it then delivers the records).
+    return not any(thread.name == "tsdia-trackers-starting" for thread in threading.enumerate())
 
 
 def _sync(batch: dict[str, torch.Tensor]) -> None:

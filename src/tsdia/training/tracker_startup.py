@@ -39,7 +39,10 @@ class BackgroundTrackers(Trackers):
         self._error: BaseException | None = None
         self._ready = threading.Event()
         self._go = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(start,), name="tsdia-trackers", daemon=True)
+        # Named for its phase (as stack dumps show it): starting, then delivering as "tsdia-trackers".
+        self._thread = threading.Thread(
+            target=self._run, args=(start,), name="tsdia-trackers-starting", daemon=True
+        )
         self._thread.start()
 
     def begin(self) -> None:
@@ -58,6 +61,7 @@ class BackgroundTrackers(Trackers):
             return
         self._started = started
         self.trackers = started.trackers
+        threading.current_thread().name = "tsdia-trackers"
         self._ready.set()
         while True:
             with self._pending:
