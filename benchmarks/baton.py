@@ -7,8 +7,9 @@ is started at once; when a variant's model reaches its timed part it connects to
 `block_steps` whole optimizer steps while the others wait (blocked in a socket read, using no CPU), so
 a slow spell of the machine falls on every variant alike, and two identical variants land within a
 few percent (the A/A check of `trainer_overhead.py`). The training thread of every variant is pinned
-to the same CPU (the cores of a VM differ in speed and in their neighbours' load); helper threads and
-processes (the log tee, WandB's service) stay free to run on the other cores, as on a GPU node.
+to the same CPU (the cores of a VM differ in speed and in their neighbours' load), and their helper
+threads and processes (the log tee, tracker threads, WandB's service) to the other cores, as helpers
+run on a GPU node's spare cores.
 
 The child side (`BatonClient`) is driven from the timed model's forward (`bench_plugins`); the
 protocol is one line per message: the child sends `ready NAME`, then `done WALL_S CPU_S` after each
@@ -17,9 +18,11 @@ block; the parent answers `go` (run a block) or `stop` (untimed from here on).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -72,8 +75,8 @@ class BatonClient:
             self._wait_for_turn()
 
     def _connect(self) -> None:
-        if self.cpu is not None:  # this thread only (Linux): helper threads started before keep every core
-            os.sched_setaffinity(0, {self.cpu})
+        if self.cpu is not None:
+            pin_training_thread(self.cpu)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(self.address)
         self.lines = self.sock.makefile("r").readline
@@ -147,6 +150,27 @@ class Ring:
             conn.sendall(b"stop\n")
             conn.close()
         self.server.close()
+
+
+def pin_training_thread(cpu: int) -> None:
+    """This thread alone on `cpu`; every other thread of this process and of its descendants (the tee,
+    tracker threads, WandB's service) off it, as helpers on a GPU node's spare cores never preempt the
+    training thread. Threads started later inherit their creator's CPUs (helpers' from the helpers)."""
+    others = set(os.sched_getaffinity(0)) - {cpu}
+    me = threading.get_native_id()
+    for pid in [os.getpid(), *_descendants(os.getpid())]:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            tid = int(task.name)
+            with contextlib.suppress(OSError):  # a thread that has just ended
+                os.sched_setaffinity(tid, {cpu} if tid == me else others)
+
+
+def _descendants(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            children += [int(child) for child in (task / "children").read_text().split()]
+    return [grandchild for child in children for grandchild in (child, *_descendants(child))]
 
 
 def pinned_cpu(requested: int | None) -> int | None:
