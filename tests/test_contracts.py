@@ -3,7 +3,8 @@
 - submitit's `_make_sbatch_string` (`tsdia.launch.sbatch.render_submitit_script`): `--dry-run` prints the script
   a real submit would write, so it must be the text `SlurmExecutor` itself writes.
 - torch's `SummaryWriter._get_file_writer` (`tsdia.training.trackers.add_summaries`): the hparams summaries land
-  in the run's own event file, where TensorBoard's hparams dashboard reads them.
+  in the run's own event file, where TensorBoard's hparams dashboard reads them; `TensorBoardTracker.log`
+  writes a record's scalars as one event through it, read back exactly as `add_scalar`'s.
 - torch's `_foreach_lerp_` (`tsdia.training.ema.EMA.after_step`): one fused update of every EMA tensor, the
   same values as `Tensor.lerp_` on each (torch.optim.swa_utils uses it the same way).
 
@@ -130,6 +131,37 @@ def test_tensorboard_hparams_land_in_the_runs_own_event_file(tmp_path: Path) -> 
     if start.hparams["training.lr"].number_value != 0.001:
         broken("torch tensorboard", f"the hparams read back are {dict(start.hparams)}", wrapper)
     assert [s.value for s in events.Scalars("val_loss")] == [0.5]
+
+
+def test_tensorboard_scalars_of_one_event_read_back_as_add_scalar_s(tmp_path: Path) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from tsdia.training.trackers import TensorBoardTracker
+
+    records = [({"train_loss": 0.25 * step, "lr": 1e-3 / step, "epoch": 0}, step) for step in (1, 2, 5)]
+    tracker = TensorBoardTracker(str(tmp_path / "tsdia"), {}, "", start_step=0, resuming=True)
+    plain = SummaryWriter(str(tmp_path / "add_scalar"))
+    for metrics, step in records:
+        tracker.log(metrics, step)
+        for name, value in metrics.items():
+            plain.add_scalar(name, value, step)
+    tracker.finish()
+    plain.close()
+
+    def scalars(directory: Path) -> dict[str, list[tuple[int, float]]]:
+        events = EventAccumulator(str(directory), size_guidance={"scalars": 0})
+        events.Reload()
+        return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+    theirs = scalars(tmp_path / "add_scalar")
+    assert set(theirs) == {"train_loss", "lr", "epoch"}
+    if scalars(tmp_path / "tsdia") != theirs:
+        broken(
+            "torch tensorboard",
+            "scalars written as one event read back differently",
+            "TensorBoardTracker.log",
+        )
 
 
 def test_foreach_lerp_equals_lerp_on_each_tensor() -> None:

@@ -126,8 +126,11 @@ class TensorBoardTracker:
     def __init__(
         self, log_dir: str, config: dict[str, Any], config_yaml: str, start_step: int, resuming: bool
     ) -> None:
+        from tensorboard.compat.proto.summary_pb2 import Summary
         from torch.utils.tensorboard import SummaryWriter
         from torch.utils.tensorboard.summary import hparams
+
+        self._summary = Summary
 
         # On resume, drop what an earlier attempt logged after the checkpoint we resume from (steps
         # > start_step; all of them when it restarts from scratch): no duplicated or backward steps.
@@ -139,8 +142,10 @@ class TensorBoardTracker:
             add_summaries(self.writer, (experiment, session_start, session_end))
 
     def log(self, metrics: dict[str, float], step: int) -> None:
-        for name, value in metrics.items():
-            self.writer.add_scalar(name, value, step)
+        """One event per record, all its scalars in it: what `add_scalar` writes for each, as TensorBoard
+        reads it, at a third of the cost (~0.1 ms per scalar through `add_scalar` here)."""
+        values = [self._summary.Value(tag=name, simple_value=float(value)) for name, value in metrics.items()]
+        self.writer._get_file_writer().add_summary(self._summary(value=values), step)
         self.writer.flush()
 
     def finish(self) -> None:
