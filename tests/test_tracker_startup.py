@@ -66,6 +66,9 @@ def test_a_failed_start_surfaces_at_the_next_log() -> None:
     assert trackers.wait_started(10)
     with pytest.raises(ConnectionError, match="cannot reach"):
         trackers.log({"loss": 1.0}, 1)
+    for step in range(2, 100):  # no tracker will ever take these: they are not kept
+        trackers.log({"loss": 1.0}, step)
+    assert trackers._queue == []
     trackers.finish()  # only a warning now
 
 

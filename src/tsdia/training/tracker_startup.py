@@ -33,7 +33,6 @@ class BackgroundTrackers(Trackers):
         self._lock = threading.Lock()
         self._queue: list[tuple[dict[str, float], int]] = []
         self._pending = threading.Condition(self._lock)  # records queued, or finishing
-        self._delivering = False  # the thread holds records taken off the queue
         self._finishing = False
         self._started: Trackers | None = None
         self._error: BaseException | None = None
@@ -56,8 +55,8 @@ class BackgroundTrackers(Trackers):
         except BaseException as err:  # handed to the training thread at its next log()
             with self._lock:
                 self._error = err
+                self._queue.clear()  # nothing to deliver them to
                 self._ready.set()
-                self._pending.notify_all()
             return
         self._started = started
         self.trackers = started.trackers
@@ -68,15 +67,10 @@ class BackgroundTrackers(Trackers):
                 while not self._queue and not self._finishing:
                     self._pending.wait()
                 if not self._queue:  # finishing, and everything is delivered
-                    self._pending.notify_all()
                     return
                 records, self._queue = self._queue, []
-                self._delivering = True
             for metrics, step in records:  # in order; a failing tracker is dropped inside (see Trackers)
                 started.log(metrics, step)
-            with self._pending:
-                self._delivering = False
-                self._pending.notify_all()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self._go.set()
@@ -84,6 +78,8 @@ class BackgroundTrackers(Trackers):
             if self._error is not None:
                 error, self._error = self._error, None
                 raise error
+            if self._ready.is_set() and self._started is None:  # the start failed: no tracker to take it
+                return
             self._queue.append((dict(metrics), step))
             self._pending.notify_all()
 
