@@ -30,9 +30,10 @@ class BackgroundTrackers(Trackers):
     def __init__(self, start: Callable[[], Trackers], configured: bool) -> None:
         super().__init__()
         self._configured = configured  # some tracker is enabled (true before it has started)
-        self._lock = threading.Lock()
         self._queue: list[tuple[dict[str, float], int]] = []
-        self._pending = threading.Condition(self._lock)  # records queued, or finishing
+        self._pending = (
+            threading.Condition()
+        )  # guards the fields below; notified: records queued, or finishing
         self._finishing = False
         self._started: Trackers | None = None
         self._error: BaseException | None = None
@@ -53,7 +54,7 @@ class BackgroundTrackers(Trackers):
         try:
             started = start()
         except BaseException as err:  # handed to the training thread at its next log()
-            with self._lock:
+            with self._pending:
                 self._error = err
                 self._queue.clear()  # nothing to deliver them to
                 self._ready.set()
