@@ -12,7 +12,7 @@ threads and processes (the log tee, tracker threads, WandB's service) to the oth
 run on a GPU node's spare cores.
 
 The child side (`BatonClient`) is driven from the timed model's forward (`bench_plugins`); the
-protocol is one line per message: the child sends `ready NAME`, then `done WALL_S CPU_S` after each
+protocol is one line per message: the child sends `ready NAME TORCH_THREADS`, then `done WALL_S CPU_S` after each
 block; the parent answers `go` (run a block) or `stop` (untimed from here on).
 """
 
@@ -38,8 +38,9 @@ ADDRESS_VAR, NAME_VAR, BLOCK_VAR, CPU_VAR = (
 class BatonClient:
     """The child's side: call `tick(ready, sync)` at the start of every training forward call."""
 
-    def __init__(self, address: str, name: str, block_steps: int, cpu: int | None) -> None:
+    def __init__(self, address: str, name: str, block_steps: int, cpu: int | None, threads: int) -> None:
         self.address, self.name, self.block_steps, self.cpu = address, name, block_steps, cpu
+        self.threads = threads  # torch's compute threads in this variant: the parent checks they agree
         self.sock: socket.socket | None = None
         self.lines: Callable[[], str] | None = None
         self.stopped = False
@@ -47,13 +48,14 @@ class BatonClient:
         self.started = self.cpu_started = 0.0
 
     @classmethod
-    def from_env(cls) -> BatonClient | None:
+    def from_env(cls, threads: int) -> BatonClient | None:
         """The client `$BENCH_BATON` asks for, or None (the model then times one window instead)."""
         address = os.environ.get(ADDRESS_VAR)
         if not address:
             return None
         cpu = os.environ.get(CPU_VAR)
-        return cls(address, os.environ[NAME_VAR], int(os.environ[BLOCK_VAR]), int(cpu) if cpu else None)
+        block_steps = int(os.environ[BLOCK_VAR])
+        return cls(address, os.environ[NAME_VAR], block_steps, int(cpu) if cpu else None, threads)
 
     def tick(self, ready: Callable[[], bool], sync: Callable[[], None]) -> None:
         """One training forward call starts; `ready()`: warm-up is over; `sync()` waits for the device.
@@ -80,7 +82,7 @@ class BatonClient:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(self.address)
         self.lines = self.sock.makefile("r").readline
-        self._send(f"ready {self.name}")
+        self._send(f"ready {self.name} {self.threads}")
 
     def _send(self, line: str) -> None:
         assert self.sock is not None
@@ -108,6 +110,7 @@ class Ring:
         self.server.listen()
         self.server.settimeout(1.0)
         self.peers: dict[str, tuple[socket.socket, Callable[[], str]]] = {}
+        self.threads: dict[str, int] = {}  # torch's compute threads, per variant
 
     def env(self, name: str, block_steps: int, cpu: int | None) -> dict[str, str]:
         """What a variant's process needs in its environment to join."""
@@ -117,7 +120,8 @@ class Ring:
         return env
 
     def gather(self, processes: Mapping[str, subprocess.Popen[bytes]], logs: Mapping[str, Path]) -> None:
-        """Wait until every variant has connected; one that exits first is an error (its log's tail shown)."""
+        """Wait until every variant has connected; one that exits first is an error (its log's tail shown),
+        and so are variants computing on different numbers of torch threads."""
         while len(self.peers) < len(processes):
             for name, process in processes.items():
                 if name not in self.peers and process.poll() is not None:
@@ -129,10 +133,13 @@ class Ring:
                 continue
             conn.settimeout(None)
             lines = conn.makefile("r").readline
-            kind, name = lines().split()
-            if kind != "ready" or name not in processes:
-                raise SystemExit(f"unexpected greeting {kind} {name} on {self.address}")
-            self.peers[name] = conn, lines
+            greeting = lines().split()
+            if len(greeting) != 3 or greeting[0] != "ready" or greeting[1] not in processes:
+                raise SystemExit(f"unexpected greeting {greeting} on {self.address}")
+            _, name, threads = greeting
+            self.peers[name], self.threads[name] = (conn, lines), int(threads)
+        if len(set(self.threads.values())) != 1:
+            raise SystemExit(f"variants run with different torch thread counts: {self.threads}")
 
     def turn(self, name: str) -> tuple[float, float]:
         """Let `name` run one block; its (wall seconds, training-thread CPU seconds)."""

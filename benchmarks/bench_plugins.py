@@ -58,7 +58,7 @@ class StepWindowTimer:
         self.cpu_started = (0.0, 0.0)
         self.thread_started = 0.0
         self.threads = pin_threads()
-        self.baton = BatonClient.from_env()
+        self.baton = BatonClient.from_env(self.threads)
 
     def tick(self, batch: dict[str, torch.Tensor]) -> None:
         """Call at the start of forward."""
